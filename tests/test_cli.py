@@ -1,0 +1,69 @@
+"""The command line on the real SmolLM2-135M and real WikiText-2."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lfmsift.cli import app
+from lfmsift.eval import load_text, perplexity
+
+pytestmark = pytest.mark.real
+runner = CliRunner()
+
+
+def test_ppl_command_writes_json_matching_the_api(smollm2, data_dir, tmp_path):
+    out = tmp_path / "ppl.json"
+    res = runner.invoke(app, ["ppl", "--model", "smollm2-135m", "--data", "wikitext2", "--data-dir", str(data_dir),
+                              "--seqlen", "256", "--windows", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    record = json.loads(out.read_text())
+    assert record["windows"] == 3 and record["seqlen"] == 256 and record["tokens_scored"] == 3 * 255
+    assert record["command"].startswith("lfmsift") or record["command"]
+    assert record["environment"]["torch"] == torch.__version__
+    model, tok = smollm2
+    direct = perplexity(model, tok, load_text("wikitext2", data_dir), seqlen=256, windows=3, progress=False)
+    assert record["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
+    assert 5 < direct.perplexity < 60  # a real 135M model on WikiText-2; random weights give ~49k
+
+
+def test_generate_command_is_greedy_and_deterministic(smollm2, tmp_path):
+    out = tmp_path / "gen.json"
+    args = ["generate", "--model", "smollm2-135m", "--prompt", "What is the capital of France?",
+            "--max-new-tokens", "8", "--json", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    record = json.loads(out.read_text())
+    assert record["chat"] is True and record["new_tokens"] >= 1
+    assert "Paris" in record["completion"]
+
+
+def test_generate_rejects_empty_prompt():
+    res = runner.invoke(app, ["generate", "--model", "smollm2-135m", "--prompt", "   "])
+    assert res.exit_code == 2
+    assert "prompt is empty" in res.output
+
+
+def test_ppl_missing_data_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("LFMSIFT_DATA", raising=False)
+    res = runner.invoke(app, ["ppl", "--data", "wikitext2", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "not found" in res.output and "wikitext2_test.txt" in res.output
+
+
+def test_unsupported_model_cli(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    res = runner.invoke(app, ["generate", "--model", str(tmp_path), "--prompt", "hi"])
+    assert res.exit_code == 2
+    assert "not supported" in res.output and "llama" in res.output
+
+
+def test_models_command(tmp_path):
+    out = tmp_path / "models.json"
+    res = runner.invoke(app, ["models", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "smollm2-135m" in res.output
+    assert "olmoe" in json.loads(out.read_text())["supported_model_types"]
