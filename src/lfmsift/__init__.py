@@ -5,6 +5,7 @@ Hugging Face models. Start with ``model, tokenizer = lfmsift.load("smollm2-135m"
 """
 
 from lfmsift.models import load
+from lfmsift import prune  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["load", "__version__"]
+__all__ = ["load", "prune", "__version__"]

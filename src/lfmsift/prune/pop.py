@@ -1,0 +1,265 @@
+"""The POP FFN: a drop-in replacement of a gated FFN that computes only the channels POP keeps.
+
+Prefill (a new prompt) computes gate/up for all d_ff channels, scores them (`scoring.channel_scores`),
+splits them into Retained / Candidate / Pruned (`partition.partition`) and writes its output with the top
+round((1 - r) d_ff) channels. It then lays out, once per prompt, contiguous weight slices of the channels
+later steps need:
+
+- ``pop``: gate/up rows and down columns (stored as rows) of R u C, ordered R first, then C by prefill
+  score. A decode step runs one matmul over these 2|R u C| rows, scores the Candidates on the current
+  token(s), keeps the top k_sel, and runs down_proj on the R rows plus the k_sel gathered Candidate rows.
+  Pruned channels are never touched.
+- ``static`` (the paper's Variant 1): slices of the kept set only; decode reuses the prefill mask.
+- ``reselect`` (Variant 2): decode computes all channels, scores all, keeps the top round((1 - r) d_ff).
+
+Nothing is multiplied by a zero mask: every matmul has only the channels it needs.
+
+Which forward starts a new prompt is told by `PromptContext`, which the handle updates from a pre-hook on
+the decoder stack (an empty or absent KV cache means a new prompt; the 2-D attention mask gives the pad
+positions to leave out of the scores). Used on its own, without a context, a forward of more than one
+token starts a new prompt. A multi-token forward that continues a cached prompt is treated as one decode
+step over all its tokens (Eq. 3 aggregates over tokens). Masks are shared by the batch, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfmsift.models.adapters import GatedFFN
+from lfmsift.prune.partition import Partition, PartitionSizes, partition, partition_sizes, select_top
+from lfmsift.prune.scoring import channel_scores, down_column_norms
+
+Mode = Literal["pop", "static", "reselect"]
+MODES: tuple[str, ...] = ("pop", "static", "reselect")
+
+
+@dataclass
+class PromptContext:
+    """Shared by the POP FFNs of one model: which prompt is running and which positions are padding."""
+
+    prompt_id: int = 0
+    token_mask: torch.Tensor | None = None  # (batch, tokens of the current forward); 0 = padding
+
+
+@dataclass
+class LayerCounters:
+    """What one POP FFN computed, accumulated until `reset`."""
+
+    prefill_tokens: int = 0
+    prefill_flops: float = 0.0
+    decode_tokens: int = 0
+    decode_steps: int = 0
+    decode_flops: float = 0.0
+    prompts: int = 0
+    overlap_sum: torch.Tensor | None = field(default=None, repr=False)  # channels used that were in keep
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class POPFFN(nn.Module):
+    """POP in place of one gated FFN (see the module docstring).
+
+    Args:
+        ffn: the view of the FFN to replace; its module is kept (as ``dense``) and restored on removal.
+        ffn_ratio: r, the fraction of intermediate channels pruned per token.
+        delta: half the Candidate band (gamma / 2). Ignored (0) for ``static`` and ``reselect``.
+        mode: ``pop``, ``static`` or ``reselect``.
+        context: shared `PromptContext` (None: a multi-token forward starts a new prompt).
+    """
+
+    def __init__(
+        self,
+        ffn: GatedFFN,
+        ffn_ratio: float,
+        delta: float = 0.05,
+        mode: Mode = "pop",
+        context: PromptContext | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Unknown POP mode {mode!r}; use one of {', '.join(MODES)}")
+        self.mode = mode
+        self.ffn_ratio = float(ffn_ratio)
+        self.delta = float(delta) if mode == "pop" else 0.0
+        self.sizes: PartitionSizes = partition_sizes(ffn.intermediate_size, self.ffn_ratio, self.delta)
+        self.dense = ffn.module
+        self.act_fn = ffn.act_fn
+        self.hidden_size = ffn.hidden_size
+        self.context = context
+        self.counters = LayerCounters()
+        self.register_buffer("col_norms", down_column_norms(ffn.down_proj.weight), persistent=False)
+        self._views = ffn
+        self._prompt_id: int | None = None
+        self.partition: Partition | None = None
+        self._clear_slices()
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    @property
+    def _gate(self) -> nn.Linear:
+        return self._views.gate_proj
+
+    @property
+    def _up(self) -> nn.Linear:
+        return self._views.up_proj
+
+    @property
+    def _down(self) -> nn.Linear:
+        return self._views.down_proj
+
+    def _clear_slices(self) -> None:
+        self.w_gate_up: torch.Tensor | None = None  # (2n, hidden): gate rows then up rows of the slice
+        self.b_gate_up: torch.Tensor | None = None
+        self.w_down_rows: torch.Tensor | None = None  # (n, hidden): down_proj columns of the slice, as rows
+        self.slice_col_norms: torch.Tensor | None = None
+        self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
+
+    def _build_slices(self, channels: torch.Tensor) -> None:
+        """Contiguous gate/up rows and down rows of `channels`, in that order (once per prompt)."""
+        g, u, d = self._gate, self._up, self._down
+        self.w_gate_up = torch.cat([g.weight.index_select(0, channels), u.weight.index_select(0, channels)])
+        if g.bias is not None:
+            self.b_gate_up = torch.cat([g.bias.index_select(0, channels), u.bias.index_select(0, channels)])
+        else:
+            self.b_gate_up = None
+        self.w_down_rows = d.weight.index_select(1, channels).t().contiguous()
+        self.slice_col_norms = self.col_norms.index_select(0, channels)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self.context.token_mask if self.context is not None else None
+        if mask is None or mask.shape != x.shape[:-1]:
+            return None
+        return mask.to(x.device)
+
+    def _starts_prompt(self, x: torch.Tensor) -> bool:
+        if self.context is not None:
+            return self._prompt_id != self.context.prompt_id or self.partition is None
+        return x.shape[1] > 1 or self.partition is None
+
+    def _down_out(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        bias = self._down.bias
+        return F.linear(h, rows.t()) if bias is None else F.linear(h, rows.t(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._starts_prompt(x):
+            return self._prefill(x)
+        return self._decode(x)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self._gate, self._up
+        h = self.act_fn(g(x)) * u(x)  # all channels: prefill needs every score
+        scores = channel_scores(h, self.col_norms, self._token_mask(x))
+        part = partition(scores, self.ffn_ratio, self.delta)
+        self.partition = part
+        self._prompt_id = self.context.prompt_id if self.context is not None else None
+        s = part.sizes
+        if self.mode == "pop":
+            self._build_slices(part.computed)
+        elif self.mode == "static":
+            self._build_slices(part.keep)
+        else:  # reselect: decode uses the full weights; keep the prefill ranks to measure overlap
+            self._clear_slices()
+            self.rank = torch.empty_like(part.order)
+            self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
+            self.w_down_rows = self._down.weight.t().contiguous()
+        if self.mode == "reselect":
+            out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
+        else:  # the first n_keep rows of the slice are the kept set
+            out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])
+        tokens = x.shape[0] * x.shape[1]
+        c = self.counters
+        c.prompts += 1
+        c.prefill_tokens += tokens
+        c.prefill_flops += tokens * (2 * self.hidden_size * (2 * s.d_ff + s.n_keep) + 3 * s.d_ff)
+        return out
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.sizes
+        c = self.counters
+        tokens = x.shape[0] * x.shape[1]
+        hid = self.hidden_size
+        if self.mode == "static":
+            h = self._gated(x)  # (.., n_keep)
+            out = self._down_out(h, self.w_down_rows)
+            used_in_keep = torch.tensor(s.n_keep, device=x.device)
+            flops = tokens * (2 * hid * 3 * s.n_keep + 3 * s.n_keep)
+        elif self.mode == "pop":
+            h = self._gated(x)  # (.., |R u C|)
+            n_r, k = s.n_retained, s.k_select
+            if k == s.n_candidates:  # no choice to make (gamma = 0, or every candidate is needed)
+                out = self._down_out(h[..., : s.n_keep], self.w_down_rows[: s.n_keep])
+                used_in_keep = torch.tensor(s.n_keep, device=x.device)
+                score_flops = 0
+            else:
+                cand = channel_scores(h[..., n_r:], self.slice_col_norms[n_r:], self._token_mask(x))
+                sel = select_top(cand, k) + n_r
+                out = self._down_out(h[..., :n_r], self.w_down_rows[:n_r])
+                out = out + F.linear(h.index_select(-1, sel), self.w_down_rows.index_select(0, sel).t())
+                used_in_keep = n_r + (sel < s.n_keep).sum()  # slice order = prefill rank
+                score_flops = 2 * tokens * s.n_candidates + 2 * s.n_candidates
+            flops = tokens * 2 * hid * (2 * s.n_computed + s.n_keep) + tokens * 3 * s.n_computed + score_flops
+        else:  # reselect
+            g, u = self._gate, self._up
+            h = self.act_fn(g(x)) * u(x)
+            scores = channel_scores(h, self.col_norms, self._token_mask(x))
+            sel = select_top(scores, s.n_keep)
+            out = self._down_out(h.index_select(-1, sel), self.w_down_rows.index_select(0, sel))
+            used_in_keep = (self.rank.index_select(0, sel) < s.n_keep).sum()
+            flops = tokens * 2 * hid * (2 * s.d_ff + s.n_keep) + tokens * 3 * s.d_ff + 2 * (tokens + 1) * s.d_ff
+        c.decode_tokens += tokens
+        c.decode_steps += 1
+        c.decode_flops += flops
+        c.overlap_sum = used_in_keep if c.overlap_sum is None else c.overlap_sum + used_in_keep
+        return out
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        gu = F.linear(x, self.w_gate_up, self.b_gate_up)
+        gate, up = gu.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def channels_computed_per_step(self) -> int:
+        """Channels whose gate/up a decode step computes."""
+        s = self.sizes
+        return {"pop": s.n_computed, "static": s.n_keep, "reselect": s.d_ff}[self.mode]
+
+    def dense_flops_per_token(self) -> int:
+        s = self.sizes
+        return 2 * self.hidden_size * 3 * s.d_ff + 3 * s.d_ff
+
+    def stats(self) -> dict:
+        s, c = self.sizes, self.counters
+        dense = self.dense_flops_per_token()
+        static_per_token = 2 * self.hidden_size * 3 * s.n_keep + 3 * s.n_keep
+        overlap = None
+        if c.decode_steps and c.overlap_sum is not None:
+            overlap = float(c.overlap_sum) / (c.decode_steps * s.n_keep)
+        return {
+            "mode": self.mode,
+            "ffn_ratio": self.ffn_ratio,
+            "d_ff": s.d_ff,
+            "retained": s.n_retained if self.mode == "pop" else s.n_keep,
+            "candidates": s.n_candidates if self.mode == "pop" else (s.d_ff if self.mode == "reselect" else 0),
+            "pruned": s.n_pruned if self.mode == "pop" else (s.d_ff - s.n_keep if self.mode == "static" else 0),
+            "channels_computed_per_decode_step": self.channels_computed_per_step(),
+            "channels_used_per_decode_step": s.n_keep,
+            "prompts": c.prompts,
+            "prefill_tokens": c.prefill_tokens,
+            "decode_tokens": c.decode_tokens,
+            "decode_steps": c.decode_steps,
+            "prefill_flops": c.prefill_flops,
+            "prefill_flops_dense": c.prefill_tokens * dense,
+            "decode_flops": c.decode_flops,
+            "decode_flops_dense": c.decode_tokens * dense,
+            "decode_flops_static": c.decode_tokens * static_per_token,
+            "decode_overlap_with_prefill": overlap,
+        }
