@@ -71,6 +71,10 @@ class UnsupportedModelError(ValueError):
     """The model's architecture is not one lfmsift knows how to rewrite."""
 
 
+class AlreadyModifiedError(RuntimeError):
+    """The model already carries lfmsift replacements (a handle was not removed)."""
+
+
 def supported_model_types() -> list[str]:
     """The config `model_type` values lfmsift supports, in registry order."""
     return [t for spec in SUPPORTED for t in spec.model_types]
@@ -340,6 +344,11 @@ def describe(model: nn.Module) -> ModelView:
         attn = getattr(layer, "self_attn", None)
         if mlp is None or attn is None:
             raise _unsupported(f"Decoder layer {where} ({type(layer).__name__}, no .mlp / .self_attn)")
+        if getattr(mlp, "lfmsift_replacement", False):
+            raise AlreadyModifiedError(
+                f"Decoder layer {where} already holds an lfmsift {type(mlp).__name__}: remove() the handle that "
+                "installed it before applying another method"
+            )
         ffn = _moe_ffn(mlp, spec, where + ".mlp") if hasattr(mlp, "experts") else _gated_ffn(mlp, where + ".mlp")
         view.layers.append(DecoderLayerView(i, layer, _attention(attn, config, i), ffn))
     return view

@@ -7,8 +7,8 @@ With target FFN ratio r and partition width delta (= gamma / 2), the prefill sco
 - Candidate C: between the two quantiles  -> re-scored at every decode step;
 - Pruned    P: score <= q_{r-delta}       -> round((r - delta) d_ff) channels, never computed again.
 
-Counts come from the rounding above (ties are broken by the sort), so sizes are exact and the sets are
-ordered: every R score >= every C score >= every P score. Each decode step keeps
+Quantiles are nearest-rank: q_a is the score at ascending rank round(a d_ff), so the counts above are
+exact (ties are broken by a stable sort) and the sets are ordered: every R score >= every C score >= every P score. Each decode step keeps
 ``k_sel = round((1 - r) d_ff) - |R|`` Candidates, so exactly round((1 - r) d_ff) channels are used.
 """
 

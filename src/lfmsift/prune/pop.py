@@ -73,6 +73,8 @@ class POPFFN(nn.Module):
         context: shared `PromptContext` (None: a multi-token forward starts a new prompt).
     """
 
+    lfmsift_replacement = True
+
     def __init__(
         self,
         ffn: GatedFFN,
