@@ -20,7 +20,7 @@ $(VENV)/.done: pyproject.toml Makefile
 	touch $@
 
 demo: venv
-	$(BIN)/lfmsift generate --model smollm2-135m --chat \
+	$(BIN)/lfmsift generate --model smollm2-135m --chat --prune pop --target 0.2 --compare \
 		--prompt "Explain in two sentences why pruning a neural network can make it faster." \
 		--max-new-tokens 64 --json results/demo/generate.json
 	LFMSIFT_DATA=$(DATA) $(BIN)/lfmsift ppl --model smollm2-135m --data wikitext2 --windows 16 \

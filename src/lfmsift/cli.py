@@ -41,6 +41,51 @@ def _load(model: str, dtype: str, device: str):
     return model_obj, getattr(tokenizer, "tokenizer", tokenizer)
 
 
+def _prune_settings(target: Optional[float], ffn_ratio: Optional[float], gamma: float) -> dict:
+    settings = {"gamma": gamma}
+    if target is not None:
+        settings["target"] = target
+    if ffn_ratio is not None:
+        settings["ffn_ratio"] = ffn_ratio
+    return settings
+
+
+def _apply_prune(model_obj, method: Optional[str], settings: dict):
+    """Apply a pruning method (or nothing); errors end the command with a clear message."""
+    if not method or method == "dense":
+        return None
+    import lfmsift.prune
+
+    try:
+        return lfmsift.prune.apply(model_obj, method, **settings)
+    except Exception as exc:
+        _fail(exc)
+
+
+def _print_prune_stats(stats: dict) -> None:
+    t = stats["total"]
+    table = Table(title=f"{stats['method']}: FFN ratio {stats['ffn_ratio']:.3f}"
+                  + (f", target {stats['target']:g}" if stats.get("target") is not None else "")
+                  + (f", gamma {stats['gamma']:g}" if stats.get("gamma") is not None else ""))
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    d_ff = t["d_ff"]
+    table.add_row("FFN channels, all layers", f"{d_ff}")
+    table.add_row("computed per decode step", f"{t['channels_computed_per_decode_step']} "
+                  f"({t['channels_computed_per_decode_step'] / d_ff:.1%})")
+    table.add_row("used per decode step", f"{t['channels_used_per_decode_step']} "
+                  f"({t['channels_used_per_decode_step'] / d_ff:.1%})")
+    fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    table.add_row("prefill FFN FLOPs vs dense", fmt(t["prefill_flops_vs_dense"]))
+    table.add_row("decode FFN FLOPs vs dense", fmt(t["decode_flops_vs_dense"]))
+    table.add_row("decode extra FLOPs vs static mask", fmt(t["decode_extra_flops_vs_static"]))
+    table.add_row("decode overlap with prefill top set", fmt(t["decode_overlap_with_prefill"]))
+    console.print(table)
+
+
+PRUNE_HELP = "Pruning method: pop, static, reselect (default: none)."
+
+
 @app.command()
 def models(json_path: Optional[Path] = typer.Option(None, "--json", help="Write the list as JSON.")) -> None:
     """List the named real models, whether their package is installed and whether they are cached."""
@@ -75,9 +120,17 @@ def ppl(
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend BOS (default: as the tokenizer)."),
     dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    prune: Optional[str] = typer.Option(None, help=PRUNE_HELP),
+    target: Optional[float] = typer.Option(None, help="Model-level parameter reduction (e.g. 0.2)."),
+    ffn_ratio: Optional[float] = typer.Option(None, help="FFN channel ratio (instead of --target)."),
+    gamma: float = typer.Option(0.1, help="POP Candidate band width."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
 ) -> None:
-    """Perplexity with the pruning literature's protocol (non-overlapping windows of the joined test split)."""
+    """Perplexity with the pruning literature's protocol (non-overlapping windows of the joined test split).
+
+    With --prune, only the prefill partition is exercised (every token is scored in one forward pass);
+    use decode-ppl to measure a method's decode path.
+    """
     from lfmsift.eval import load_text, perplexity
 
     try:
@@ -85,6 +138,8 @@ def ppl(
         model_obj, tokenizer = _load(model, dtype, device)
     except Exception as exc:
         _fail(exc)
+    settings = _prune_settings(target, ffn_ratio, gamma)
+    handle = _apply_prune(model_obj, prune, settings)
     start = time.perf_counter()
     result = perplexity(model_obj, tokenizer, text, seqlen=seqlen, windows=windows, batch_size=batch_size,
                         add_bos=bos)
@@ -99,6 +154,7 @@ def ppl(
         from lfmsift.results import write_json
 
         write_json(json_path, {"task": "perplexity", "model": model, "data": data, "dtype": dtype,
+                               "method": prune or "dense", "settings": settings if handle else None,
                                "seconds": seconds, **result.to_dict()})
 
 
@@ -114,9 +170,14 @@ def generate(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    prune: Optional[str] = typer.Option(None, help=PRUNE_HELP),
+    target: Optional[float] = typer.Option(None, help="Model-level parameter reduction (e.g. 0.2)."),
+    ffn_ratio: Optional[float] = typer.Option(None, help="FFN channel ratio (instead of --target)."),
+    gamma: float = typer.Option(0.1, help="POP Candidate band width."),
+    compare: bool = typer.Option(False, "--compare", help="With --prune: generate with the dense model first."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the generation as JSON."),
 ) -> None:
-    """Generate a continuation (streamed to the terminal)."""
+    """Generate a continuation (streamed to the terminal); with --prune, also print the pruning stats."""
     import torch
     from transformers import TextStreamer
 
@@ -136,29 +197,105 @@ def generate(
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     enc = enc.to(model_obj.device)
-    torch.manual_seed(seed)
     kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
                   if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    console.print(f"[bold]{model}[/] ({'chat' if use_chat else 'plain'}, {'sampling' if sample else 'greedy'}):")
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model_obj.generate(**enc, streamer=TextStreamer(tokenizer, skip_prompt=True,
-                                                              skip_special_tokens=True), **kwargs)
-    seconds = time.perf_counter() - start
-    new_tokens = out[0, enc.input_ids.shape[1]:]
-    completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    console.print(f"[dim]{len(new_tokens)} tokens in {seconds:.2f} s "
-                  f"({len(new_tokens) / seconds:.1f} tokens/s)[/]")
+    settings = _prune_settings(target, ffn_ratio, gamma)
+    if prune and compare:
+        runs = [("dense", None)]
+    else:
+        runs = []
+    runs.append((prune or "dense", prune))
+    record = {"task": "generate", "model": model, "prompt": prompt, "chat": use_chat, "sample": sample,
+              "dtype": dtype, "runs": []}
+    for label, method in runs:
+        handle = _apply_prune(model_obj, method, settings)
+        torch.manual_seed(seed)
+        console.print(f"[bold]{model}[/] [cyan]{label}[/] ({'chat' if use_chat else 'plain'}, "
+                      f"{'sampling' if sample else 'greedy'}):")
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model_obj.generate(**enc, streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                                                  skip_special_tokens=True), **kwargs)
+        seconds = time.perf_counter() - start
+        new_tokens = out[0, enc.input_ids.shape[1]:]
+        completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        console.print(f"[dim]{len(new_tokens)} tokens in {seconds:.2f} s "
+                      f"({len(new_tokens) / seconds:.1f} tokens/s)[/]")
+        run = {"method": label, "completion": completion, "new_tokens": len(new_tokens), "seconds": seconds}
+        if handle is not None:
+            stats = handle.stats()
+            _print_prune_stats(stats)
+            run.update(settings=settings, stats=stats)
+            handle.remove()
+        record["runs"].append(run)
+    record["completion"] = record["runs"][-1]["completion"]
     if json_path:
         from lfmsift.results import write_json
 
-        write_json(json_path, {"task": "generate", "model": model, "prompt": prompt, "chat": use_chat,
-                               "sample": sample, "completion": completion, "new_tokens": len(new_tokens),
-                               "seconds": seconds, "dtype": dtype})
+        write_json(json_path, record)
+
+
+@app.command("decode-ppl")
+def decode_ppl(
+    model: str = typer.Option("smollm2-135m", help="Named model, local HF directory or hub id."),
+    data: str = typer.Option("wikitext2", help="Text set (wikitext2, ptb) or a path to a text file."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: $LFMSIFT_DATA)."),
+    methods: str = typer.Option("dense", help="Comma-separated: dense, pop, static, reselect."),
+    targets: str = typer.Option("0.2", help="Comma-separated model-level targets for the pruning methods."),
+    gamma: float = typer.Option(0.1, help="POP Candidate band width."),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens prefilled per sample."),
+    new_tokens: int = typer.Option(128, min=1, help="Decode steps scored per sample."),
+    samples: int = typer.Option(16, min=1, help="Samples (consecutive slices of the text)."),
+    batch_size: int = typer.Option(1, min=1, help="Samples decoded together (they share POP's masks)."),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+) -> None:
+    """Teacher-forced decode perplexity: prefill a prompt, then score tokens fed one decode step at a time."""
+    from lfmsift.eval import load_text
+    from lfmsift.eval.decode_ppl import decode_perplexity
+
+    try:
+        text = load_text(data, data_dir)
+        model_obj, tokenizer = _load(model, dtype, device)
+        target_list = [float(t) for t in targets.split(",") if t.strip()]
+    except Exception as exc:
+        _fail(exc)
+    configs = []
+    for m in [m.strip() for m in methods.split(",") if m.strip()]:
+        configs += [(m, None)] if m == "dense" else [(m, t) for t in target_list]
+    rows = []
+    table = Table(title=f"{model}: decode perplexity on {data} ({samples} samples, {prompt_len} prompt + "
+                        f"{new_tokens} decoded tokens, batch {batch_size})")
+    for col in ("method", "target", "FFN ratio", "decode ppl", "decode FFN FLOPs", "extra vs static", "overlap"):
+        table.add_column(col, justify="right")
+    for method, target in configs:
+        handle = _apply_prune(model_obj, method, {"target": target, "gamma": gamma} if target is not None else {})
+        result = decode_perplexity(model_obj, tokenizer, text, prompt_len=prompt_len, new_tokens=new_tokens,
+                                   samples=samples, batch_size=batch_size)
+        row = {"method": method, "target": target, **result.to_dict()}
+        fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        if handle is not None:
+            stats = handle.stats()
+            handle.remove()
+            t = stats["total"]
+            row.update(ffn_ratio=stats["ffn_ratio"], gamma=stats.get("gamma"), stats_total=t)
+            table.add_row(method, f"{target:g}", f"{stats['ffn_ratio']:.3f}", f"{result.perplexity:.3f}",
+                          fmt(t["decode_flops_vs_dense"]), fmt(t["decode_extra_flops_vs_static"]),
+                          fmt(t["decode_overlap_with_prefill"]))
+        else:
+            table.add_row(method, "-", "0", f"{result.perplexity:.3f}", "100.0%", "-", "-")
+        rows.append(row)
+    console.print(table)
+    if json_path:
+        from lfmsift.results import write_json
+
+        write_json(json_path, {"task": "decode_perplexity", "model": model, "data": data, "dtype": dtype,
+                               "gamma": gamma, "results": rows})
 
 
 if __name__ == "__main__":
