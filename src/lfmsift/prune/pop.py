@@ -56,7 +56,8 @@ class LayerCounters:
     decode_steps: int = 0
     decode_flops: float = 0.0
     prompts: int = 0
-    overlap_sum: torch.Tensor | None = field(default=None, repr=False)  # channels used that were in keep
+    overlap_fixed: int = 0  # used channels known (without a device sync) to be in the prefill top set
+    overlap_acc: torch.Tensor | None = field(default=None, repr=False)  # the same, counted on the device
 
     def reset(self) -> None:
         self.__init__()
@@ -96,6 +97,7 @@ class POPFFN(nn.Module):
         self.context = context
         self.counters = LayerCounters()
         self.register_buffer("col_norms", down_column_norms(ffn.down_proj.weight), persistent=False)
+        self.register_buffer("col_norms_sq", self.col_norms.square(), persistent=False)
         self._views = ffn
         self._prompt_id: int | None = None
         self.partition: Partition | None = None
@@ -119,11 +121,17 @@ class POPFFN(nn.Module):
         self.w_gate_up: torch.Tensor | None = None  # (2n, hidden): gate rows then up rows of the slice
         self.b_gate_up: torch.Tensor | None = None
         self.w_down_rows: torch.Tensor | None = None  # (n, hidden): down_proj columns of the slice, as rows
-        self.slice_col_norms: torch.Tensor | None = None
+        self.cand_col_norms_sq: torch.Tensor | None = None  # squared down-column norms of C (pop)
+        self.w_down_used: torch.Tensor | None = None  # (n_keep, hidden): R rows, then this step's Candidates
+        self.retained_pos: torch.Tensor | None = None  # arange(|R|)
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
 
+    @torch.no_grad()
     def _build_slices(self, channels: torch.Tensor) -> None:
-        """Contiguous gate/up rows and down rows of `channels`, in that order (once per prompt)."""
+        """Contiguous gate/up rows and down rows of `channels`, in that order (once per prompt).
+
+        The slices are detached copies: POP is an inference method and no gradient flows through them.
+        """
         g, u, d = self._gate, self._up, self._down
         self.w_gate_up = torch.cat([g.weight.index_select(0, channels), u.weight.index_select(0, channels)])
         if g.bias is not None:
@@ -131,7 +139,6 @@ class POPFFN(nn.Module):
         else:
             self.b_gate_up = None
         self.w_down_rows = d.weight.index_select(1, channels).t().contiguous()
-        self.slice_col_norms = self.col_norms.index_select(0, channels)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -165,19 +172,25 @@ class POPFFN(nn.Module):
         s = part.sizes
         if self.mode == "pop":
             self._build_slices(part.computed)
+            n_r = s.n_retained
+            self.cand_col_norms_sq = self.col_norms_sq.index_select(0, part.candidates)
+            self.w_down_used = self.w_down_rows[: s.n_keep].clone()  # rows after |R| are rewritten each step
+            self.retained_pos = torch.arange(n_r, device=x.device)
         elif self.mode == "static":
             self._build_slices(part.keep)
         else:  # reselect: decode uses the full weights; keep the prefill ranks to measure overlap
             self._clear_slices()
             self.rank = torch.empty_like(part.order)
             self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
-            self.w_down_rows = self._down.weight.t().contiguous()
+            self.w_down_rows = self._down.weight.detach().t().contiguous()
         if self.mode == "reselect":
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
         else:  # the first n_keep rows of the slice are the kept set
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])
         tokens = x.shape[0] * x.shape[1]
         c = self.counters
+        if c.overlap_acc is None:
+            c.overlap_acc = torch.zeros((), dtype=torch.long, device=x.device)
         c.prompts += 1
         c.prefill_tokens += tokens
         c.prefill_flops += tokens * (2 * self.hidden_size * (2 * s.d_ff + s.n_keep) + 3 * s.d_ff)
@@ -191,36 +204,51 @@ class POPFFN(nn.Module):
         if self.mode == "static":
             h = self._gated(x)  # (.., n_keep)
             out = self._down_out(h, self.w_down_rows)
-            used_in_keep = torch.tensor(s.n_keep, device=x.device)
+            c.overlap_fixed += s.n_keep
             flops = tokens * (2 * hid * 3 * s.n_keep + 3 * s.n_keep)
         elif self.mode == "pop":
-            h = self._gated(x)  # (.., |R u C|)
+            h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
             n_r, k = s.n_retained, s.k_select
             if k == s.n_candidates:  # no choice to make (gamma = 0, or every candidate is needed)
                 out = self._down_out(h[..., : s.n_keep], self.w_down_rows[: s.n_keep])
-                used_in_keep = torch.tensor(s.n_keep, device=x.device)
+                c.overlap_fixed += s.n_keep
                 score_flops = 0
             else:
-                cand = channel_scores(h[..., n_r:], self.slice_col_norms[n_r:], self._token_mask(x))
-                sel = select_top(cand, k) + n_r
-                out = self._down_out(h[..., :n_r], self.w_down_rows[:n_r])
-                out = out + F.linear(h.index_select(-1, sel), self.w_down_rows.index_select(0, sel).t())
-                used_in_keep = n_r + (sel < s.n_keep).sum()  # slice order = prefill rank
-                score_flops = 2 * tokens * s.n_candidates + 2 * s.n_candidates
+                sel = self._select(h[..., n_r:], self.cand_col_norms_sq, k) + n_r
+                # down_proj over R + the selected Candidates: their rows are gathered behind the R rows of a
+                # persistent buffer, so one matmul reads exactly |R| + k rows.
+                torch.index_select(self.w_down_rows, 0, sel, out=self.w_down_used[n_r:])
+                used = h.index_select(-1, torch.cat((self.retained_pos, sel)))
+                out = self._down_out(used, self.w_down_used)
+                c.overlap_fixed += n_r
+                c.overlap_acc.add_((sel < s.n_keep).sum())  # slice order = prefill rank
+                score_flops = 2 * tokens * s.n_candidates
             flops = tokens * 2 * hid * (2 * s.n_computed + s.n_keep) + tokens * 3 * s.n_computed + score_flops
         else:  # reselect
             g, u = self._gate, self._up
             h = self.act_fn(g(x)) * u(x)
-            scores = channel_scores(h, self.col_norms, self._token_mask(x))
-            sel = select_top(scores, s.n_keep)
+            sel = self._select(h, self.col_norms_sq, s.n_keep)
             out = self._down_out(h.index_select(-1, sel), self.w_down_rows.index_select(0, sel))
-            used_in_keep = (self.rank.index_select(0, sel) < s.n_keep).sum()
-            flops = tokens * 2 * hid * (2 * s.d_ff + s.n_keep) + tokens * 3 * s.d_ff + 2 * (tokens + 1) * s.d_ff
+            c.overlap_acc.add_((self.rank.index_select(0, sel) < s.n_keep).sum())
+            flops = tokens * 2 * hid * (2 * s.d_ff + s.n_keep) + tokens * 3 * s.d_ff + 2 * tokens * s.d_ff
         c.decode_tokens += tokens
         c.decode_steps += 1
         c.decode_flops += flops
-        c.overlap_sum = used_in_keep if c.overlap_sum is None else c.overlap_sum + used_in_keep
         return out
+
+    @staticmethod
+    def _select(h: torch.Tensor, col_norms_sq: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions of the k channels of `h` with the highest decode-step POP score.
+
+        Ranks by ||H_i||^2 * ||W_down[:, i]||^2, the square of `scoring.channel_scores` (same order, two
+        fewer ops per step). Decode tokens are never padding, so no mask is applied.
+        """
+        if h.dtype != torch.float32:
+            h = h.float()
+        sq = h.square().reshape(-1, h.shape[-1])
+        if sq.shape[0] > 1:
+            sq = sq.sum(0)
+        return torch.topk(sq.reshape(-1) * col_norms_sq, k, sorted=False).indices
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
         gu = F.linear(x, self.w_gate_up, self.b_gate_up)
@@ -243,8 +271,9 @@ class POPFFN(nn.Module):
         dense = self.dense_flops_per_token()
         static_per_token = 2 * self.hidden_size * 3 * s.n_keep + 3 * s.n_keep
         overlap = None
-        if c.decode_steps and c.overlap_sum is not None:
-            overlap = float(c.overlap_sum) / (c.decode_steps * s.n_keep)
+        if c.decode_steps:
+            used_in_keep = c.overlap_fixed + (0 if c.overlap_acc is None else int(c.overlap_acc))
+            overlap = used_in_keep / (c.decode_steps * s.n_keep)
         return {
             "mode": self.mode,
             "ffn_ratio": self.ffn_ratio,
