@@ -121,24 +121,47 @@ class POPFFN(nn.Module):
         self.w_gate_up: torch.Tensor | None = None  # (2n, hidden): gate rows then up rows of the slice
         self.b_gate_up: torch.Tensor | None = None
         self.w_down_rows: torch.Tensor | None = None  # (n, hidden): down_proj columns of the slice, as rows
+        self.down_t: torch.Tensor | None = None  # (d_ff, hidden): down_proj transposed, built once
         self.cand_col_norms_sq: torch.Tensor | None = None  # squared down-column norms of C (pop)
         self.w_down_used: torch.Tensor | None = None  # (n_keep, hidden): R rows, then this step's Candidates
         self.retained_pos: torch.Tensor | None = None  # arange(|R|)
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
 
+    @staticmethod
+    def _reuse(buf: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """`buf` if it already has this shape, dtype and device, else a new empty tensor."""
+        if buf is not None and buf.shape == shape and buf.dtype == like.dtype and buf.device == like.device:
+            return buf
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    @torch.no_grad()
+    def _transposed_down(self) -> torch.Tensor:
+        """down_proj as (d_ff, hidden) rows, copied once: row gathers from it are contiguous copies.
+
+        Costs one extra copy of down_proj per layer (a third of the FFN weights) while POP is applied;
+        gathering columns of the original layout per prompt is an order of magnitude slower.
+        """
+        w = self._down.weight
+        if self.down_t is None or self.down_t.dtype != w.dtype or self.down_t.device != w.device:
+            self.down_t = w.detach().t().contiguous()
+        return self.down_t
+
     @torch.no_grad()
     def _build_slices(self, channels: torch.Tensor) -> None:
         """Contiguous gate/up rows and down rows of `channels`, in that order (once per prompt).
 
-        The slices are detached copies: POP is an inference method and no gradient flows through them.
+        The sizes depend only on d_ff and the ratios, so the buffers are allocated on the first prompt and
+        refilled in place afterwards. They are detached: POP is an inference method.
         """
-        g, u, d = self._gate, self._up, self._down
-        self.w_gate_up = torch.cat([g.weight.index_select(0, channels), u.weight.index_select(0, channels)])
+        g, u = self._gate, self._up
+        n, hid = channels.numel(), self.hidden_size
+        self.w_gate_up = self._reuse(self.w_gate_up, (2 * n, hid), g.weight)
+        torch.index_select(g.weight, 0, channels, out=self.w_gate_up[:n])
+        torch.index_select(u.weight, 0, channels, out=self.w_gate_up[n:])
         if g.bias is not None:
             self.b_gate_up = torch.cat([g.bias.index_select(0, channels), u.bias.index_select(0, channels)])
-        else:
-            self.b_gate_up = None
-        self.w_down_rows = d.weight.index_select(1, channels).t().contiguous()
+        self.w_down_rows = self._reuse(self.w_down_rows, (n, hid), g.weight)
+        torch.index_select(self._transposed_down(), 0, channels, out=self.w_down_rows)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -174,15 +197,15 @@ class POPFFN(nn.Module):
             self._build_slices(part.computed)
             n_r = s.n_retained
             self.cand_col_norms_sq = self.col_norms_sq.index_select(0, part.candidates)
-            self.w_down_used = self.w_down_rows[: s.n_keep].clone()  # rows after |R| are rewritten each step
+            self.w_down_used = self._reuse(self.w_down_used, (s.n_keep, self.hidden_size), self.w_down_rows)
+            self.w_down_used[:n_r] = self.w_down_rows[:n_r]  # rows after |R| are rewritten at each step
             self.retained_pos = torch.arange(n_r, device=x.device)
         elif self.mode == "static":
             self._build_slices(part.keep)
         else:  # reselect: decode uses the full weights; keep the prefill ranks to measure overlap
-            self._clear_slices()
             self.rank = torch.empty_like(part.order)
             self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
-            self.w_down_rows = self._down.weight.detach().t().contiguous()
+            self.w_down_rows = self._transposed_down()
         if self.mode == "reselect":
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
         else:  # the first n_keep rows of the slice are the kept set
