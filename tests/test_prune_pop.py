@@ -195,6 +195,13 @@ def test_applying_twice_is_a_clear_error():
             apply(model, "static", target=0.2)
 
 
+def test_empty_prompt_is_a_clear_error():
+    layer = describe(tiny_model("llama")).layers[0]
+    pop = POPFFN(layer.ffn, ffn_ratio=0.3)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        pop(torch.zeros(1, 0, layer.ffn.hidden_size))
+
+
 def test_registry_names():
     assert {"pop", "static", "reselect"} <= set(METHODS)
     assert lfmsift.prune.apply is apply

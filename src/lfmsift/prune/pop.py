@@ -186,6 +186,8 @@ class POPFFN(nn.Module):
         return self._decode(x)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * x.shape[1] == 0:
+            raise ValueError("POP needs a non-empty prompt: the prefill scores channels from its tokens")
         g, u = self._gate, self._up
         h = self.act_fn(g(x)) * u(x)  # all channels: prefill needs every score
         scores = channel_scores(h, self.col_norms, self._token_mask(x))
