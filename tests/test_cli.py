@@ -35,8 +35,9 @@ def test_generate_command_is_greedy_and_deterministic(smollm2, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     record = json.loads(out.read_text())
-    assert record["chat"] is True and record["new_tokens"] >= 1
-    assert "Paris" in record["completion"]
+    assert record["chat"] is True and [r["method"] for r in record["runs"]] == ["dense"]
+    assert record["runs"][0]["new_tokens"] >= 1
+    assert "Paris" in record["completion"] == record["runs"][0]["completion"]
 
 
 def test_generate_rejects_empty_prompt():
