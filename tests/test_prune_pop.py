@@ -217,6 +217,8 @@ def test_stats_shapes_and_overlap():
     assert len(st["layers"]) == 2
     assert 0.5 <= t["decode_overlap_with_prefill"] <= 1.0
     assert t["decode_flops_vs_dense"] < 1 and t["prefill_flops_vs_dense"] < 1
+    handle.reset_stats()
+    assert handle.stats()["total"]["decode_steps"] == 0 and handle.stats()["total"]["decode_overlap_with_prefill"] is None
     layer = st["layers"][0]
     assert layer["retained"] + layer["candidates"] + layer["pruned"] == layer["d_ff"]
     assert layer["channels_used_per_decode_step"] == layer["d_ff"] - round(0.3 * layer["d_ff"])

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from lfmsift.eval.perplexity import tokenize_text, tokenizer_adds_bos
+from lfmsift.eval.perplexity import resolve_bos, score_batches, tokenize_text
 
 
 @dataclass
@@ -87,20 +86,12 @@ def decode_perplexity(
     """Decode perplexity of `model` on `text` (see the module docstring)."""
     ids = tokenize_text(tokenizer, text)
     chunks = decode_samples(ids, prompt_len, new_tokens, samples)
-    if add_bos is None:
-        add_bos = tokenizer_adds_bos(tokenizer)
-    bos_id = tokenizer.bos_token_id if add_bos else None
+    add_bos, bos_id = resolve_bos(tokenizer, add_bos)
     model.eval()
-    nll_sum, count = 0.0, 0
-    bar = tqdm(total=samples, desc="decode perplexity", unit="sample", disable=not progress)
-    for start in range(0, samples, batch_size):
-        batch = chunks[start : start + batch_size]
-        nll, n = decode_nll(model, batch, prompt_len, bos_id)
-        nll_sum += nll
-        count += n
-        bar.update(batch.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
-    bar.close()
+    nll_sum, count = score_batches(
+        chunks, batch_size, lambda batch: decode_nll(model, batch, prompt_len, bos_id), "decode perplexity",
+        "sample", progress,
+    )
     return DecodePerplexityResult(
         perplexity=math.exp(nll_sum / count),
         nll_sum=nll_sum,

@@ -69,6 +69,31 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None) -> 
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def resolve_bos(tokenizer, add_bos: bool | None) -> tuple[bool, int | None]:
+    """(add_bos, bos_id): None decides from the tokenizer; asking for BOS without one is an error."""
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
+    bos_id = tokenizer.bos_token_id if add_bos else None
+    if add_bos and bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    return bool(add_bos), bos_id
+
+
+def score_batches(chunks: torch.Tensor, batch_size: int, nll_fn, desc: str, unit: str, progress: bool):
+    """Sum `nll_fn(batch) -> (nll, count)` over batches of rows of `chunks`, with a progress bar."""
+    nll_sum, count = 0.0, 0
+    bar = tqdm(total=chunks.shape[0], desc=desc, unit=unit, disable=not progress)
+    for start in range(0, chunks.shape[0], batch_size):
+        batch = chunks[start : start + batch_size]
+        nll, n = nll_fn(batch)
+        nll_sum += nll
+        count += n
+        bar.update(batch.shape[0])
+        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+    bar.close()
+    return nll_sum, count
+
+
 @torch.no_grad()
 def window_nll(model, batch: torch.Tensor, bos_id: int | None) -> tuple[float, int]:
     """Summed next-token NLL of a (b, seqlen) batch of windows and the number of predicted tokens.
@@ -106,22 +131,11 @@ def perplexity(
     """
     ids = tokenize_text(tokenizer, text)
     chunks = make_windows(ids, seqlen, windows)
-    if add_bos is None:
-        add_bos = tokenizer_adds_bos(tokenizer)
-    bos_id = tokenizer.bos_token_id if add_bos else None
-    if add_bos and bos_id is None:
-        raise ValueError("add_bos=True but the tokenizer has no BOS token")
     model.eval()
-    nll_sum, count = 0.0, 0
-    bar = tqdm(total=chunks.shape[0], desc="perplexity", unit="window", disable=not progress)
-    for start in range(0, chunks.shape[0], batch_size):
-        batch = chunks[start : start + batch_size]
-        nll, n = window_nll(model, batch, bos_id)
-        nll_sum += nll
-        count += n
-        bar.update(batch.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
-    bar.close()
+    add_bos, bos_id = resolve_bos(tokenizer, add_bos)
+    nll_sum, count = score_batches(
+        chunks, batch_size, lambda batch: window_nll(model, batch, bos_id), "perplexity", "window", progress
+    )
     return PerplexityResult(
         perplexity=math.exp(nll_sum / count),
         nll_sum=nll_sum,

@@ -115,8 +115,7 @@ class _OnlinePruning(PruningMethod):
             l["decode_flops_vs_dense"] = ratio(l["decode_flops"], l["decode_flops_dense"])
         return {"total": tot, "layers": layers}
 
-    @staticmethod
-    def reset_stats(handle: PruneHandle) -> None:
+    def reset_stats(self, handle: PruneHandle) -> None:
         for s in handle.plan.swaps:
             s.replacement.counters.reset()
 

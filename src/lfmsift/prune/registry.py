@@ -48,6 +48,9 @@ class PruningMethod:
     def stats(self, handle: "PruneHandle") -> dict[str, Any]:
         return {}
 
+    def reset_stats(self, handle: "PruneHandle") -> None:
+        pass
+
 
 METHODS: dict[str, type[PruningMethod]] = {}
 
@@ -101,7 +104,12 @@ class PruneHandle:
         return [s.replacement for s in self.plan.swaps]
 
     def stats(self) -> dict[str, Any]:
+        """The method's settings and what it computed since it was applied (or since `reset_stats`)."""
         return {"method": self.method.name, **self.plan.summary, **self.method.stats(self)}
+
+    def reset_stats(self) -> None:
+        """Zero the counters behind `stats()` (e.g. between a warm-up and a measured run)."""
+        self.method.reset_stats(self)
 
     def __enter__(self) -> "PruneHandle":
         return self
