@@ -57,12 +57,12 @@ def test_fused_expert_layout_reproduces_module(arch):
     top_k_index = torch.randint(0, e.num_experts, (7, moe.top_k))
     weights = torch.rand(7, moe.top_k)
     ref = e.module(x, top_k_index, weights)
-    I = e.intermediate_size
+    inter = e.intermediate_size
     mine = torch.zeros_like(x)
     for t in range(7):
         for j in range(moe.top_k):
             k = top_k_index[t, j]
-            h = e.act_fn(e.gate_up_proj[k, :I] @ x[t]) * (e.gate_up_proj[k, I:] @ x[t])
+            h = e.act_fn(e.gate_up_proj[k, :inter] @ x[t]) * (e.gate_up_proj[k, inter:] @ x[t])
             mine[t] += weights[t, j] * (e.down_proj[k] @ h)
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
 
@@ -111,9 +111,10 @@ def test_tiny_config_unknown():
 
 def test_load_local_directory_roundtrip(tmp_path):
     """A local HF directory (here a tiny Qwen3 and a word-level tokenizer) loads by path."""
-    import lfmsift
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import lfmsift
 
     model = tiny_model("qwen3")
     model.save_pretrained(tmp_path)

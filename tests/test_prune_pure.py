@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from lfmsift.models import describe
 from lfmsift.prune.budget import ffn_ratio_for_target, layer_ffn_ratio
-from lfmsift.prune.partition import check_ratio, partition, partition_sizes, select_top
+from lfmsift.prune.partition import check_ratio, partition, select_top
 from lfmsift.prune.scoring import activation_norms, channel_scores, down_column_norms, gated_activation
 
 

@@ -4,8 +4,8 @@ Online structural pruning of FFN channels (POP) and streaming KV-cache retrieval
 Hugging Face models. Start with ``model, tokenizer = lfmsift.load("smollm2-135m")``.
 """
 
+from lfmsift import prune
 from lfmsift.models import load
-from lfmsift import prune  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "prune", "__version__"]

@@ -7,7 +7,7 @@ from lfmsift.models.adapters import (
     supported_model_types,
 )
 from lfmsift.models.load import ModelLoadError, load, parse_dtype
-from lfmsift.models.zoo import NAMED_MODELS, ModelPackageMissingError, list_models, lfmsift_home
+from lfmsift.models.zoo import NAMED_MODELS, ModelPackageMissingError, lfmsift_home, list_models
 
 __all__ = [
     "SUPPORTED",

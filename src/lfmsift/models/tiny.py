@@ -9,13 +9,15 @@ plumbing tests, never for quality.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
+    PretrainedConfig,
     Qwen2Config,
     Qwen2MoeConfig,
     Qwen3Config,

@@ -93,11 +93,11 @@ class _OnlinePruning(PruningMethod):
     def stats(self, handle: PruneHandle) -> dict[str, Any]:
         layers = [dict(layer=s.layer, **s.replacement.stats()) for s in handle.plan.swaps]
         keys = ("prefill_flops", "prefill_flops_dense", "decode_flops", "decode_flops_dense", "decode_flops_static")
-        tot = {k: sum(l[k] for l in layers) for k in keys}
+        tot = {k: sum(row[k] for row in layers) for k in keys}
         tot.update(
-            channels_computed_per_decode_step=sum(l["channels_computed_per_decode_step"] for l in layers),
-            channels_used_per_decode_step=sum(l["channels_used_per_decode_step"] for l in layers),
-            d_ff=sum(l["d_ff"] for l in layers),
+            channels_computed_per_decode_step=sum(row["channels_computed_per_decode_step"] for row in layers),
+            channels_used_per_decode_step=sum(row["channels_used_per_decode_step"] for row in layers),
+            d_ff=sum(row["d_ff"] for row in layers),
             prefill_tokens=layers[0]["prefill_tokens"] if layers else 0,
             decode_tokens=layers[0]["decode_tokens"] if layers else 0,
             decode_steps=layers[0]["decode_steps"] if layers else 0,
@@ -108,11 +108,11 @@ class _OnlinePruning(PruningMethod):
         tot["decode_extra_flops_vs_static"] = ratio(
             tot["decode_flops"] - tot["decode_flops_static"], tot["decode_flops_dense"]
         )
-        overl = [l["decode_overlap_with_prefill"] for l in layers if l["decode_overlap_with_prefill"] is not None]
+        overl = [row["decode_overlap_with_prefill"] for row in layers if row["decode_overlap_with_prefill"] is not None]
         tot["decode_overlap_with_prefill"] = sum(overl) / len(overl) if overl else None
-        for l in layers:
-            l["prefill_flops_vs_dense"] = ratio(l["prefill_flops"], l["prefill_flops_dense"])
-            l["decode_flops_vs_dense"] = ratio(l["decode_flops"], l["decode_flops_dense"])
+        for row in layers:
+            row["prefill_flops_vs_dense"] = ratio(row["prefill_flops"], row["prefill_flops_dense"])
+            row["decode_flops_vs_dense"] = ratio(row["decode_flops"], row["decode_flops_dense"])
         return {"total": tot, "layers": layers}
 
     def reset_stats(self, handle: PruneHandle) -> None:

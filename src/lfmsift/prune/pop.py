@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfmsift.models.adapters import GatedFFN
-from lfmsift.prune.partition import Partition, PartitionSizes, partition, partition_sizes, select_top
+from lfmsift.prune.partition import Partition, PartitionSizes, partition, partition_sizes
 from lfmsift.prune.scoring import channel_scores, down_column_norms
 
 Mode = Literal["pop", "static", "reselect"]
