@@ -1,0 +1,107 @@
+"""Retrievers: which stored KV groups each layer and KV head attends to, behind one registry.
+
+A retriever builds one ``LayerIndex`` per attention layer. The streaming cache calls, per chunk:
+``assign(keys)`` to put the chunk's selectable tokens (frame tokens) into groups — the unit the KV
+store keeps contiguous and moves as one run — then ``select(queries)`` for the groups each KV head
+needs, and ``close(groups)`` when the store offloads groups out of the device window. Text tokens never
+go through a retriever: the cache keeps them always.
+
+Adding a retriever is adding a small dataclass with ``name`` and ``index()``, decorated ``@register``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+SELECTION_MODES = ("same_layer", "previous_layer")
+
+
+class LayerIndex(ABC):
+    """A retriever's per-layer index over stored groups (group ids are 0, 1, 2, ... per layer)."""
+
+    @abstractmethod
+    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+        """Group ids (tokens,) for a chunk of post-RoPE keys (num_kv_heads, tokens, head_dim)."""
+
+    @abstractmethod
+    def select(self, queries: torch.Tensor) -> torch.Tensor | None:
+        """(num_kv_heads, groups) bool: the groups each KV head needs for post-RoPE queries
+        (num_heads, rows, head_dim); ``None`` means every group."""
+
+    def close(self, groups: list[int]) -> None:
+        """Groups offloaded out of the device window (they accept no new tokens)."""
+
+    def stats(self, num_tokens: int) -> dict:
+        return {}
+
+    def visited_fraction(self) -> torch.Tensor | None:
+        """Per KV head, the fraction of scores the last ``select`` had to visit (early exit), if measured."""
+        return None
+
+
+@dataclass
+class Retriever(ABC):
+    """Base of all retrievers. ``selection``: which layer's queries choose the tokens of a layer —
+    ``same_layer`` (exact) or ``previous_layer`` (V-Rex's prefetch: layer l's queries and index pick
+    the tokens that layer l + 1 fetches; layer 0 attends densely)."""
+
+    name: ClassVar[str] = ""
+    selection: str = "same_layer"
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION_MODES:
+            raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+
+    @abstractmethod
+    def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex: ...
+
+    def describe(self) -> dict:
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+RETRIEVERS: dict[str, type[Retriever]] = {}
+
+
+def register(cls: type[Retriever]) -> type[Retriever]:
+    RETRIEVERS[cls.name] = cls
+    return cls
+
+
+def get_retriever(name: str, **options) -> Retriever:
+    """Build a registered retriever by name; an unknown name lists the known ones."""
+    if name not in RETRIEVERS:
+        raise ValueError(f"unknown retriever {name!r}; known: {', '.join(sorted(RETRIEVERS))}")
+    return RETRIEVERS[name](**options)
+
+
+class _ChunkIndex(LayerIndex):
+    """One group per chunk (frame), every group selected."""
+
+    def __init__(self) -> None:
+        self.groups = 0
+
+    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+        self.groups += 1
+        return torch.full((keys.shape[1],), self.groups - 1, dtype=torch.int64)
+
+    def select(self, queries: torch.Tensor) -> None:
+        return None
+
+    def stats(self, num_tokens: int) -> dict:
+        return {"groups": self.groups}
+
+
+@register
+@dataclass
+class Full(Retriever):
+    """Everything is fetched (the FlexGen baseline: full offload, full fetch). Groups are whole frames,
+    so offloaded frames still move as one run each."""
+
+    name: ClassVar[str] = "full"
+
+    def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
+        return _ChunkIndex()

@@ -1,0 +1,101 @@
+"""WiCSum thresholding: which clusters each query row needs (ReSV step 3, V-Rex §IV-C, Eqs. 1-3).
+
+For query row i and clusters j with raw scores s_ij = q_i . k_cluster_j and token counts n_j:
+Sum_i = sum_j s_ij n_j (Eq. 1), Th_i = ratio * Sum_i (Eq. 2), and row i selects the shortest
+descending-score prefix whose weighted cumulative sum exceeds Th_i (Eq. 3). Rows with Sum_i <= 0
+(which the paper never discusses) select their top cluster (the digest's A6). Selections are
+unioned over rows and over the query heads of each KV group.
+
+Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and ``wicsum_bucketed``
+(the WTU's early exit: equal-width score buckets from the row's max down, all clusters of a bucket
+taken together). The bucketed one selects a superset of the exact one, equal when the exit bucket's
+lower bound falls between the last selected score and the next; it reports how much of each row it
+visited (the paper reports 16% on average).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_WICSUM_RATIO = 0.3
+DEFAULT_BUCKETS = 20
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"WiCSum ratio must be in [0, 1), got {ratio}")
+
+
+def wicsum_select(scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO) -> torch.Tensor:
+    """Exact rule. scores: (..., clusters); counts: (clusters,). Returns a bool mask like ``scores``."""
+    _check_ratio(ratio)
+    s = scores.to(torch.float64)
+    w = s * counts.to(s)
+    total = w.sum(-1, keepdim=True)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    acc = w.gather(-1, order).cumsum(-1)
+    last = (acc > ratio * total).to(torch.int8).argmax(-1, keepdim=True)  # first prefix over the threshold
+    last = torch.where(total > 0, last, torch.zeros_like(last))
+    take = torch.arange(s.shape[-1], device=s.device) <= last
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
+def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS) -> torch.Tensor:
+    """Bucket index of each score, 0 = the top bucket: ``floor((max - s) / width)`` with
+    ``width = (max - min) / buckets``, the lowest score clamped into the last bucket."""
+    s = scores.to(torch.float64)
+    hi = s.max(-1, keepdim=True).values
+    lo = s.min(-1, keepdim=True).values
+    width = (hi - lo) / buckets
+    idx = torch.where(width > 0, torch.floor((hi - s) / torch.where(width > 0, width, 1.0)), torch.zeros_like(s))
+    return idx.clamp_(0, buckets - 1).to(torch.int64)
+
+
+def wicsum_bucketed(
+    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Early-exit rule of the WTU. Returns (bool mask like ``scores``, fraction of each row visited)."""
+    _check_ratio(ratio)
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    s = scores.to(torch.float64)
+    w = s * counts.to(s)
+    total = w.sum(-1, keepdim=True)
+    b = bucket_of(s, buckets)
+    per_bucket = torch.zeros(*s.shape[:-1], buckets, dtype=s.dtype, device=s.device).scatter_add_(-1, b, w)
+    exit_bucket = (per_bucket.cumsum(-1) > ratio * total).to(torch.int8).argmax(-1, keepdim=True)
+    visited = b <= exit_bucket
+    top = torch.zeros_like(visited).scatter(-1, s.argmax(-1, keepdim=True), True)
+    positive = total > 0
+    mask = torch.where(positive, visited, top)
+    seen = torch.where(positive, visited, b == 0)
+    return mask, seen.to(torch.float64).mean(-1)
+
+
+def select_clusters(
+    queries: torch.Tensor,
+    representatives: torch.Tensor,
+    counts: torch.Tensor,
+    ratio: float = DEFAULT_WICSUM_RATIO,
+    buckets: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clusters each KV head must fetch: WiCSum per query head and row, unioned over rows and the group.
+
+    queries: (num_heads, rows, head_dim) post-RoPE; representatives: (num_kv_heads, clusters, head_dim);
+    counts: (clusters,). ``buckets=None`` uses the exact rule, an int the bucketed early exit.
+    Returns ((num_kv_heads, clusters) bool, mean visited fraction per KV head or None).
+    """
+    heads, rows, dim = queries.shape
+    kv_heads, clusters, _ = representatives.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
+    if clusters == 0:
+        return torch.zeros(kv_heads, 0, dtype=torch.bool, device=queries.device), None
+    grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(representatives.dtype)
+    scores = grouped @ representatives.transpose(1, 2)  # (kv_heads, group * rows, clusters)
+    if buckets is None:
+        mask, visited = wicsum_select(scores, counts, ratio), None
+    else:
+        mask, seen = wicsum_bucketed(scores, counts, ratio, buckets)
+        visited = seen.mean(-1)
+    return mask.any(1), visited
