@@ -209,7 +209,9 @@ class LayerKVStore:
             if n > cap:
                 spilled += n
                 continue
-            if tail + n > cap:
+            if tail + n > cap:  # wrap: the runs left at the end are the oldest, they spill first
+                while runs and runs[0][0] >= tail:
+                    spilled += runs.popleft()[1]
                 tail = 0
             while runs and runs[0][0] < tail + n and tail < runs[0][0] + runs[0][1]:
                 spilled += runs.popleft()[1]
@@ -242,12 +244,14 @@ class LayerKVStore:
             self._write_disk(kv, tokens)
             return
         if cap is not None and self._host_tail + n > cap:
+            # Wrap. The runs between the tail and the end are the oldest: they spill first, so the deque
+            # stays ordered by age = by offset from the tail.
+            while self._host_runs and self._host_runs[0][1] >= self._host_tail:
+                self._spill_oldest()
             self._host_tail = 0
         while cap is not None and self._host_runs and self._host_runs[0][1] < self._host_tail + n \
                 and self._host_tail < self._host_runs[0][1] + self._host_runs[0][2]:
-            _, off, length, run_tokens = self._host_runs.popleft()
-            self._write_disk(self._host[:, :, off : off + length].clone(), run_tokens)
-            self._host_used -= length
+            self._spill_oldest()
         end = self._host_tail + n
         if end > self._host.shape[2]:
             grown = max(end, 2 * self._host.shape[2]) if cap is None else min(cap, max(end, 2 * self._host.shape[2]))
@@ -261,10 +265,15 @@ class LayerKVStore:
         self._host_tail = end
         self._host_used += n
 
+    def _spill_oldest(self) -> None:
+        _, off, length, run_tokens = self._host_runs.popleft()
+        self._write_disk(self._host[:, :, off : off + length].clone(), run_tokens)
+        self._host_used -= length
+
     def _write_disk(self, kv: torch.Tensor, tokens: torch.Tensor) -> None:
         n, cap = tokens.numel(), self.caps[DISK]
         if self._disk is None:
-            slots = cap if cap is not None else 1 << 22
+            slots = cap if cap is not None else 1 << 14
             self.disk_path.parent.mkdir(parents=True, exist_ok=True)
             flat = torch.from_file(str(self.disk_path), shared=True, size=2 * self.num_kv_heads * slots * self.head_dim,
                                    dtype=self.dtype)
@@ -310,10 +319,14 @@ class LayerKVStore:
             sel = torch.sort(slots[tiers == t]).values
             if sel.numel() == 0:
                 continue
+            # Read only the span the selection covers (index_select on a strided view of a whole
+            # memory-mapped tier would touch all of it).
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            span = src[:, head, lo:hi]
             if t == DEVICE:
-                parts.append(src[:, head].index_select(1, sel.to(self.device)))
+                parts.append(span.index_select(1, (sel - lo).to(self.device)))
                 continue
-            chunk = src[:, head].index_select(1, sel)
+            chunk = span.index_select(1, sel - lo)
             parts.append(chunk.to(self.device, non_blocking=True))
             name = TIER_NAMES[t]
             self.moved[f"fetched_{name}"] += sel.numel() * head_bytes
@@ -344,7 +357,7 @@ class TieredKVStore:
         token_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
         def per_layer(total: int | None) -> int | None:
-            return None if total is None else total // num_layers // token_bytes
+            return None if total is None else total // max(num_layers, 1) // token_bytes
 
         if budget.disk_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lfmsift-kv-")

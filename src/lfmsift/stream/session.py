@@ -1,0 +1,211 @@
+"""A streaming session: frames (or text chunks) arrive one by one, questions come at any time.
+
+Every ``feed`` is one iterative-prefill pass over the new tokens only; the KV cache grows without bound
+in a ``TieredKVStore`` and each layer attends only to what the retriever selects (V-Rex §II, §IV).
+``ask`` prefills the question and decodes greedily over the retrieved cache; the answer stays in the
+cache, so follow-up questions see it. Works with any supported causal LM (text chunks as "frames") and
+with VLMs whose processor turns ``frame_text`` plus an image into input ids and pixel values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from lfmsift.kv.cache import FRAME, TEXT, StreamingKVCache, install, uninstall
+from lfmsift.kv.retriever import Retriever, get_retriever
+from lfmsift.kv.store import TierBudget
+from lfmsift.models.adapters import describe
+from lfmsift.stream.video import Frame
+
+log = logging.getLogger(__name__)
+
+_MARK_Q, _MARK_A, _MARK_B = "\x01LFMSIFT_Q\x01", "\x01LFMSIFT_A\x01", "\x01LFMSIFT_B\x01"
+
+
+@dataclass(frozen=True)
+class ChatParts:
+    """Text around the stream: ``preamble`` opens the conversation (system prompt + user turn), the
+    question is followed by ``answer_open``, and ``next_turn`` closes an answer and opens the next user turn."""
+
+    preamble: str
+    answer_open: str
+    next_turn: str
+    question_prefix: str = ""
+
+
+def chat_parts(tokenizer: Any, system_prompt: str | None = None) -> ChatParts:
+    """Derive ``ChatParts`` from the tokenizer's chat template (plain-text fallback without one)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if getattr(tokenizer, "chat_template", None):
+        def render(messages):
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        one = render([*system, {"role": "user", "content": _MARK_Q}])
+        two = render([*system, {"role": "user", "content": _MARK_A}, {"role": "assistant", "content": _MARK_B},
+                      {"role": "user", "content": _MARK_Q}])
+        preamble, answer_open = one.split(_MARK_Q)
+        next_turn = two.split(_MARK_B)[1].split(_MARK_Q)[0]
+        return ChatParts(preamble, answer_open, next_turn)
+    return ChatParts((system_prompt + "\n") if system_prompt else "", "\nAnswer:", "\n", "\nQuestion: ")
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    logits: torch.Tensor | None = None  # (steps, vocab) fp32, when asked for
+
+
+@dataclass
+class StreamingSession:
+    """Stream frames or text chunks into ``model``; ask questions over the retrieved KV cache.
+
+    ``retriever``: a ``Retriever`` or a registered name (``"resv"``, ``"full"``); ``budget``: byte budgets
+    of the KV tiers; ``frame_text``: the text a VLM processor expands into one frame's image tokens.
+    Use as a context manager (or call ``close()``) to restore the model's attention and drop disk files.
+    """
+
+    model: nn.Module
+    processor: Any
+    retriever: Retriever | str = "resv"
+    budget: TierBudget | None = None
+    system_prompt: str | None = None
+    frame_text: str = "<image>"
+    chat: bool = True
+    frames_fed: int = field(default=0, init=False)
+    chunks_fed: int = field(default=0, init=False)
+    text_tokens: int = field(default=0, init=False)
+    frame_tokens: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retriever, str):
+            self.retriever = get_retriever(self.retriever)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.view = describe(self.model)
+        self.cache = StreamingKVCache(self.view, self.retriever, self.budget or TierBudget())
+        install(self.cache)
+        self.parts = chat_parts(self.tokenizer, self.system_prompt) if self.chat else ChatParts("", "\nAnswer:", "\n",
+                                                                                               "\nQuestion: ")
+        self._started = False
+        self.device = next(self.model.parameters()).device
+        self._stop = self._stop_ids()
+
+    def _stop_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.tokenizer, "eos_token_id", None),
+                       getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # -- forward passes ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, input_ids: torch.Tensor, kind: str, **extra) -> torch.Tensor:
+        if input_ids.numel() == 0:
+            raise ValueError("nothing to feed: the input tokenizes to zero tokens")
+        self.cache.begin(kind)
+        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1, **extra)
+        self.cache.end(input_ids.shape[1])
+        if kind == TEXT:
+            self.text_tokens += input_ids.shape[1]
+        else:
+            self.frame_tokens += input_ids.shape[1]
+        return out.logits[0, -1].float()
+
+    def _tokens(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            ids = self._tokens(self.parts.preamble)
+            if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and \
+                    (ids.numel() == 0 or ids[0, 0] != bos):
+                ids = torch.cat([torch.tensor([[bos]]), ids], 1)
+            if ids.numel():
+                self._forward(ids, TEXT)
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def feed(self, item: str | Frame | Image.Image | np.ndarray) -> int:
+        """Prefill one frame (an image, a ``Frame`` or an HxWx3 array) or one text chunk; return its token count."""
+        self._start()
+        if isinstance(item, str):
+            ids = self._tokens(item)
+            if ids.numel() == 0:
+                raise ValueError("empty text chunk")
+            self._forward(ids, FRAME)
+        else:
+            image = item.image if isinstance(item, Frame) else item
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"feed() takes text, a Frame, a PIL image or an array, got {type(item).__name__}")
+            if not hasattr(self.processor, "image_processor"):
+                raise TypeError(f"{type(self.model).__name__} with {type(self.processor).__name__} takes no images; "
+                                "feed text chunks or use a vision-language model and its processor")
+            inputs = self.processor(text=self.frame_text, images=[image.convert("RGB")], return_tensors="pt")
+            ids = inputs.pop("input_ids")
+            inputs.pop("attention_mask", None)
+            extra = {k: v.to(self.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.device)
+                     for k, v in inputs.items()}
+            self._forward(ids, FRAME, **extra)
+            self.frames_fed += 1
+        self.chunks_fed += 1
+        return ids.shape[1]
+
+    def ask(self, question: str, max_new_tokens: int = 64, keep_logits: bool = False) -> Answer:
+        """Prefill the question and decode greedily; the answer stays in the cache for follow-ups."""
+        if not question.strip():
+            raise ValueError("empty question")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._start()
+        logits = self._forward(self._tokens(self.parts.question_prefix + question + self.parts.answer_open), TEXT)
+        generated, kept = [], []
+        for _ in range(max_new_tokens):
+            if keep_logits:
+                kept.append(logits.cpu())
+            token = int(logits.argmax())
+            generated.append(token)
+            if token in self._stop:
+                break
+            logits = self._forward(torch.tensor([[token]]), TEXT)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        self._close_turn(generated)
+        return Answer(text, generated, torch.stack(kept) if keep_logits else None)
+
+    def _close_turn(self, generated: list[int]) -> None:
+        """Feed the last generated token (not fed yet) and the text that opens the next user turn."""
+        last, closing = generated[-1], self.parts.next_turn
+        if last in self._stop:
+            stop_text = self.tokenizer.decode([last])
+            closing = closing[len(stop_text):] if closing.startswith(stop_text) else closing
+        ids = torch.tensor([[last]])
+        self._forward(torch.cat([ids, self._tokens(closing)], 1) if closing else ids, TEXT)
+
+    def stats(self) -> dict:
+        out = self.cache.stats()
+        out["session"] = {"frames": self.frames_fed, "chunks": self.chunks_fed, "frame_tokens": self.frame_tokens,
+                          "text_tokens": self.text_tokens}
+        return out
+
+    def close(self) -> None:
+        uninstall(self.cache)
+        self.cache.close()
+
+    def __enter__(self) -> StreamingSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

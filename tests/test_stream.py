@@ -1,0 +1,78 @@
+"""Video decoding and the streaming session on real data and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfmsift.stream import StreamingSession, VideoError, chat_parts, frames
+
+
+def test_frames_sample_real_video_at_fps(data_dir):
+    clip = data_dir / "video" / "vtest.avi"  # 795 frames at 10 fps
+    sampled = list(frames(clip, fps=2, size=128))
+    assert len(sampled) == 159
+    assert [round(f.time, 2) for f in sampled[:4]] == [0.0, 0.5, 1.0, 1.5]
+    assert sampled[0].image.size == (128, 96) and sampled[0].image.mode == "RGB"
+    assert len(list(frames(clip, fps=None, max_frames=7))) == 7
+
+
+def test_frames_errors_are_clear(tmp_path, data_dir):
+    with pytest.raises(VideoError, match="not found"):
+        next(frames(tmp_path / "missing.mp4"))
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoError, match="cannot open"):
+        next(frames(empty))
+    corrupt = tmp_path / "corrupt.avi"
+    corrupt.write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    with pytest.raises(VideoError):
+        next(frames(corrupt))
+    with pytest.raises(ValueError, match="fps"):
+        next(frames(data_dir / "video" / "vtest.avi", fps=0))
+
+
+@pytest.mark.real
+def test_full_retrieval_session_generates_like_the_plain_model(smollm2, data_dir):
+    """Everything fetched through the tiers (offloaded to host and disk) = plain greedy decoding."""
+    from lfmsift.kv import TierBudget
+
+    model, tok = smollm2
+    text = (data_dir / "text" / "wikitext2_test.txt").read_text()[:3000]
+    chunks = [text[i : i + 500] for i in range(0, len(text), 500)]
+    budget = TierBudget(device_bytes=12 << 20, host_bytes=8 << 20)
+    with StreamingSession(model, tok, retriever="full", budget=budget) as session:
+        for chunk in chunks:
+            session.feed(chunk)
+        answer = session.ask("Who is the text about?", max_new_tokens=12)
+        stats = session.stats()
+    assert stats["store"]["bytes"]["disk"] > 0 and stats["store"]["bytes"]["host"] > 0
+    parts = chat_parts(tok)
+    ids = tok(parts.preamble, add_special_tokens=False)["input_ids"]
+    for chunk in chunks:
+        ids += tok(chunk, add_special_tokens=False)["input_ids"]
+    ids += tok("Who is the text about?" + parts.answer_open, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    assert answer.token_ids == out[0, len(ids):].tolist()[: len(answer.token_ids)]
+
+
+@pytest.mark.real
+def test_resv_session_follow_up_and_stats(smollm2, data_dir):
+    model, tok = smollm2
+    text = (data_dir / "text" / "wikitext2_test.txt").read_text()[:2400]
+    with StreamingSession(model, tok, retriever="resv") as session:
+        for i in range(0, len(text), 400):
+            session.feed(text[i : i + 400])
+        first = session.ask("What is this about?", max_new_tokens=8)
+        second = session.ask("Say it again.", max_new_tokens=8)
+        stats = session.stats()
+        with pytest.raises(TypeError, match="takes no images"):
+            session.feed(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy())
+        with pytest.raises(ValueError, match="empty question"):
+            session.ask("  ")
+    assert first.token_ids and second.token_ids
+    assert 0 < stats["frame_stage"]["retrieval_ratio"] < 1
+    assert 0 < stats["text_stage"]["retrieval_ratio"] < 1
+    assert len(stats["frame_stage"]["layers"]) == model.config.num_hidden_layers
+    assert stats["index"]["tokens_per_cluster"] > 1
