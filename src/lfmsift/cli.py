@@ -298,5 +298,111 @@ def decode_ppl(
                                "gamma": gamma, "results": rows})
 
 
+@app.command()
+def stream(
+    source: Path = typer.Argument(..., help="A video file (frames are fed one by one) or a .txt file (fed in chunks)."),
+    ask: list[str] = typer.Option([], "--ask", help="Question asked after the stream (repeat for follow-ups)."),
+    model: str = typer.Option("smolvlm-smollm2-135m",
+                              help="Named model, local HF directory or hub id (a VLM for video, any LM for text)."),
+    retriever: str = typer.Option("resv", help="KV retriever: resv or full."),
+    selection: str = typer.Option("same_layer", help="same_layer or previous_layer (V-Rex's prefetch)."),
+    ratio: float = typer.Option(0.3, help="ReSV WiCSum ratio."),
+    buckets: Optional[int] = typer.Option(None, help="ReSV: bucketed early-exit WiCSum with this many buckets."),
+    fps: float = typer.Option(2.0, help="Frames sampled per second of video."),
+    max_frames: Optional[int] = typer.Option(None, min=1, help="Stop after this many frames."),
+    chunk_tokens: int = typer.Option(256, min=1, help="Text streams: tokens per chunk."),
+    max_chunks: Optional[int] = typer.Option(None, min=1, help="Text streams: stop after this many chunks."),
+    max_new_tokens: int = typer.Option(48, min=1, help="Tokens generated per answer."),
+    device_bytes: str = typer.Option("none", help="Device budget of the KV store (e.g. 256M; none = unlimited)."),
+    host_bytes: str = typer.Option("none", help="Host-memory budget; past it the oldest runs go to disk."),
+    disk_bytes: str = typer.Option("none", help="Disk budget (memory-mapped files)."),
+    disk_dir: Optional[Path] = typer.Option(None, help="Where the disk tier lives (default: a temporary directory)."),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write answers and statistics as JSON."),
+) -> None:
+    """Stream a video (or a long text) into a model with a tiered, retrieved KV cache, then ask questions."""
+    from tqdm import tqdm
+
+    from lfmsift.kv import TierBudget, get_retriever
+    from lfmsift.kv.store import parse_bytes
+    from lfmsift.models import load
+    from lfmsift.stream import StreamingSession, frames
+
+    try:
+        options = {"selection": selection}
+        if retriever == "resv":
+            options.update(ratio=ratio, buckets=buckets)
+        chosen = get_retriever(retriever, **options)
+        budget = TierBudget(parse_bytes(device_bytes), parse_bytes(host_bytes), parse_bytes(disk_bytes), disk_dir)
+        is_text = source.suffix.lower() == ".txt"
+        if is_text and not source.is_file():
+            raise FileNotFoundError(f"text file not found: {source}")
+        items = None if is_text else frames(source, fps=fps, max_frames=max_frames)
+        if items is not None:
+            first = next(items)  # fail on a bad video before loading the model
+        with console.status(f"Loading {model}..."):
+            model_obj, processor = load(model, dtype=dtype, device=device)
+    except Exception as exc:
+        _fail(exc)
+    answers = []
+    with StreamingSession(model_obj, processor, retriever=chosen, budget=budget) as session:
+        try:
+            if is_text:
+                tok = session.tokenizer
+                ids = tok(source.read_text(), add_special_tokens=False)["input_ids"]
+                chunks = [ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)][:max_chunks]
+                if not chunks:
+                    raise ValueError(f"{source} is empty")
+                for chunk in tqdm(chunks, desc="chunks", unit="chunk"):
+                    session.feed(tok.decode(chunk))
+            else:
+                import itertools
+
+                for frame in tqdm(itertools.chain([first], items), desc="frames", unit="frame",
+                                  total=max_frames):
+                    session.feed(frame)
+            for question in ask:
+                t0 = time.perf_counter()
+                answer = session.ask(question, max_new_tokens=max_new_tokens)
+                answers.append({"question": question, "answer": answer.text, "tokens": len(answer.token_ids),
+                                "seconds": round(time.perf_counter() - t0, 3)})
+                console.print(f"[bold]Q:[/] {question}\n[bold]A:[/] {answer.text}")
+        except Exception as exc:
+            _fail(exc)
+        stats = session.stats()
+    _print_stream_stats(stats)
+    if json_path:
+        from lfmsift.results import write_json
+
+        write_json(json_path, {"task": "stream", "model": model, "source": str(source), "fps": fps,
+                               "dtype": dtype, "answers": answers, "stats": stats})
+
+
+def _print_stream_stats(stats: dict) -> None:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    session, store, index = stats["session"], stats["store"], stats["index"]
+    table = Table(title=f"stream: {session['chunks']} chunks, {stats['tokens']} tokens "
+                        f"({session['frame_tokens']} frame, {session['text_tokens']} text)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("retrieval ratio, frame stage", pct(stats["frame_stage"]["retrieval_ratio"]))
+    table.add_row("retrieval ratio, text stage", pct(stats["text_stage"]["retrieval_ratio"]))
+    if "clusters" in index:
+        table.add_row("clusters (all layers)", str(index["clusters"]))
+        table.add_row("tokens per cluster", f"{index['tokens_per_cluster']:.1f}")
+        table.add_row("HC table vs KV bytes", pct(index["hc_table_vs_kv"]))
+    for tier in ("device", "host", "disk"):
+        budget = store["budget_bytes"][tier]
+        table.add_row(f"{tier} bytes (peak / budget)", f"{store['bytes'][tier]:,} ({store['peak_bytes'][tier]:,} / "
+                      f"{'unlimited' if budget is None else f'{budget:,}'})")
+    moved = store["moved_bytes"]
+    table.add_row("fetched from host / disk", f"{moved['fetched_host']:,} / {moved['fetched_disk']:,} bytes")
+    table.add_row("runs fetched host / disk", f"{store['runs_fetched']['host']:,} / {store['runs_fetched']['disk']:,}")
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

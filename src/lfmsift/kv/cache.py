@@ -135,10 +135,14 @@ class StreamingKVCache(Cache):
         }
 
     # -- chunk protocol ------------------------------------------------------------------------------------
-    def begin(self, kind: str) -> None:
-        """Declare the kind of the next forward's tokens: ``"frame"`` (selectable) or ``"text"`` (kept)."""
+    def begin(self, kind: str, tokens: int | None = None) -> None:
+        """Declare the kind of the next forward's tokens: ``"frame"`` (selectable) or ``"text"`` (kept).
+        With ``tokens``, first check that the chunk fits the byte budgets (``KVBudgetError`` otherwise)."""
         if kind not in STAGES:
             raise ValueError(f"chunk kind must be one of {STAGES}, got {kind!r}")
+        if tokens is not None:
+            for store in self.store.layers:
+                store.check_room(tokens)
         if kind == TEXT and self._last_kind == FRAME:
             self._text_group -= 1  # a new text segment after frames: its own group
         self.kind = kind

@@ -53,6 +53,24 @@ class TierBudget:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
 
 
+def parse_bytes(text: str | int | None) -> int | None:
+    """``"512M"``, ``"2G"``, ``"64k"``, ``"1000"`` (binary units) -> bytes; ``None``/``"none"`` -> unlimited."""
+    if text is None or isinstance(text, int):
+        return text
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t in ("", "none", "inf", "unlimited"):
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    scale = units.get(t[-1], 1)
+    try:
+        value = float(t[:-1] if t[-1] in units else t)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a byte size (e.g. 512M, 2G, none)") from None
+    if value < 0:
+        raise ValueError(f"byte size must be >= 0, got {text!r}")
+    return int(value * scale)
+
+
 class _Growable:
     """A 1-D int64 CPU array with amortized appends."""
 
@@ -131,6 +149,24 @@ class LayerKVStore:
 
     def open_groups(self) -> list[int]:
         return list(self._last_use)
+
+    def check_room(self, incoming: int) -> None:
+        """Raise ``KVBudgetError`` unless ``incoming`` more tokens fit even if every token now on the device
+        and in host memory had to spill to disk (checked before a forward pass, so a refused chunk leaves
+        the cache and the retriever's index untouched)."""
+        dev_cap, host_cap, disk_cap = self.caps
+        if dev_cap is not None and incoming > dev_cap:
+            raise KVBudgetError(
+                f"a chunk of {incoming} tokens needs {incoming * self.token_bytes} bytes per layer on the device, "
+                f"above the device budget of {dev_cap * self.token_bytes} bytes per layer; raise device_bytes"
+            )
+        if disk_cap is not None and dev_cap is not None:
+            worst = self._disk_tail + self.tokens_in(DEVICE) + self.tokens_in(HOST) + incoming - dev_cap
+            if worst > disk_cap:
+                raise KVBudgetError(
+                    f"the stream is about to exceed its disk budget ({disk_cap * self.token_bytes} bytes per layer, "
+                    f"{self._disk_tail * self.token_bytes} used); raise disk_bytes or start a new session"
+                )
 
     # -- writes ------------------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor) -> list[int]:

@@ -48,6 +48,20 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _smolvlm_smollm2(dtype: torch.dtype):
+    from lfmsift.models.vlm import smolvlm_from_text_model
+
+    text, tokenizer = load("smollm2-135m", dtype=dtype)
+    return smolvlm_from_text_model(text, tokenizer)
+
+
+# Models assembled from named ones (nothing is downloaded): name -> builder(dtype) -> (model, processor).
+BUILT_MODELS = {
+    # SmolVLM-256M's architecture with the real SmolLM2-135M-Instruct text model and a seeded vision tower.
+    "smolvlm-smollm2-135m": _smolvlm_smollm2,
+}
+
+
 def load(
     name_or_path: str,
     dtype: str | torch.dtype = torch.float32,
@@ -56,8 +70,9 @@ def load(
     """Load a supported model and its tokenizer.
 
     Args:
-        name_or_path: a named model (``smollm2-135m``, ``gemma3-270m``), a local Hugging Face directory, or
-            a hub id (needs the hub to be reachable).
+        name_or_path: a named model (``smollm2-135m``, ``gemma3-270m``), a built one
+            (``smolvlm-smollm2-135m``: see ``lfmsift.models.vlm``), a local Hugging Face directory, or a hub id
+            (needs the hub to be reachable).
         dtype: weights dtype (a torch dtype or 'float32' / 'bf16' / 'fp16').
         device: where to put the model.
 
@@ -79,6 +94,9 @@ def load(
     )
 
     torch_dtype = parse_dtype(dtype)
+    if name_or_path in BUILT_MODELS:
+        model, processor = BUILT_MODELS[name_or_path](torch_dtype)
+        return model.to(device).eval(), processor
     source = resolve_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)

@@ -112,7 +112,7 @@ class StreamingSession:
     def _forward(self, input_ids: torch.Tensor, kind: str, **extra) -> torch.Tensor:
         if input_ids.numel() == 0:
             raise ValueError("nothing to feed: the input tokenizes to zero tokens")
-        self.cache.begin(kind)
+        self.cache.begin(kind, input_ids.shape[1])
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1, **extra)
         self.cache.end(input_ids.shape[1])
