@@ -25,6 +25,9 @@ demo: venv
 		--max-new-tokens 64 --json results/demo/generate.json
 	LFMSIFT_DATA=$(DATA) $(BIN)/lfmsift ppl --model smollm2-135m --data wikitext2 --windows 16 \
 		--json results/demo/ppl.json
+	$(BIN)/lfmsift stream $(DATA)/video/vtest.avi --model smolvlm-smollm2-135m --fps 2 --max-frames 8 \
+		--ask "What is happening in the video?" --max-new-tokens 24 --device-bytes 32M --host-bytes 64M \
+		--json results/demo/stream.json
 
 test: venv
 	LFMSIFT_DATA=$(DATA) $(BIN)/python -m pytest -q tests

@@ -76,3 +76,56 @@ def test_resv_session_follow_up_and_stats(smollm2, data_dir):
     assert 0 < stats["text_stage"]["retrieval_ratio"] < 1
     assert len(stats["frame_stage"]["layers"]) == model.config.num_hidden_layers
     assert stats["index"]["tokens_per_cluster"] > 1
+
+
+def test_stream_cli_fails_fast_on_a_missing_video(tmp_path):
+    from typer.testing import CliRunner
+
+    from lfmsift.cli import app
+
+    result = CliRunner().invoke(app, ["stream", str(tmp_path / "missing.mp4"), "--ask", "hi"])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+@pytest.mark.real
+def test_stream_cli_on_a_text_file(smollm2, data_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lfmsift.cli import app
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text((data_dir / "text" / "wikitext2_test.txt").read_text()[:4000])
+    out = tmp_path / "stream.json"
+    result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--chunk-tokens", "128",
+                                      "--ask", "What is it about?", "--max-new-tokens", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["answers"][0]["tokens"] >= 1
+    assert 0 < record["stats"]["frame_stage"]["retrieval_ratio"] < 1
+    result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--device-bytes", "1K"])
+    assert result.exit_code == 2 and "device budget" in result.output
+
+
+@pytest.mark.real
+def test_smolvlm_around_smollm2_is_exact_on_text_and_streams_real_frames(smollm2, data_dir):
+    from lfmsift.models.vlm import smolvlm_from_text_model
+
+    text_model, tok = smollm2
+    vlm, processor = smolvlm_from_text_model(text_model, tok, vision={"image_size": 256})
+    ids = tok("The Eiffel tower is in", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = text_model(ids).logits
+        got = vlm(input_ids=ids).logits[..., : expected.shape[-1]]
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="markers"):
+        processor(text="<image><image>", images=[])
+    clip = list(frames(data_dir / "video" / "vtest.avi", fps=2, max_frames=3))
+    with StreamingSession(vlm, processor, retriever="resv") as session:
+        tokens = [session.feed(frame) for frame in clip]
+        answer = session.ask("What do you see?", max_new_tokens=4)
+        stats = session.stats()
+    assert tokens == [16 + 3] * 3  # 256 px, patch 16, pixel shuffle 4: 16 image tokens + 3 wrapper tokens
+    assert stats["session"]["frames"] == 3 and answer.token_ids
+    assert 0 < stats["frame_stage"]["retrieval_ratio"] <= 1
