@@ -273,7 +273,9 @@ class StreamingKVCache(Cache):
             }
         kv_bytes = sum(s.num_tokens for s in self.store.layers) * self.store.layers[0].token_bytes \
             if self.store.layers else 0
-        index = {layer: idx.stats(self.store[self._slot[layer]].num_tokens) for layer, idx in self.indexes.items()}
+        value_bytes = torch.empty((), dtype=self.dtype).element_size()
+        index = {layer: idx.stats(self.store[self._slot[layer]].num_tokens, value_bytes)
+                 for layer, idx in self.indexes.items()}
         out["index"] = {"layers": index}
         if index and "clusters" in next(iter(index.values())):
             clusters = sum(s["clusters"] for s in index.values())

@@ -38,12 +38,13 @@ class ReSVIndex(LayerIndex):
     def visited_fraction(self) -> torch.Tensor | None:
         return self._visited
 
-    def stats(self, num_tokens: int) -> dict:
+    def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
         size = self.table.size
+        key_bytes = self.config.key_bytes or value_bytes
         return {
             "clusters": size,
             "tokens_per_cluster": num_tokens / size if size else 0.0,
-            "hc_table_bytes": self.table.nbytes(num_tokens, self.config.key_bytes),
+            "hc_table_bytes": self.table.nbytes(num_tokens, key_bytes),
         }
 
 
@@ -55,7 +56,8 @@ class ReSV(Retriever):
     ``buckets=None`` applies WiCSum exactly (a full sort); an int applies the WTU's bucketed early exit
     with that many equal-width buckets (a superset of the exact selection; it also reports the visited
     fraction of each row). ``key_bytes`` is the precision the HC table's mean keys are *counted* at
-    (bf16 as in the paper); they are kept in fp32 for accuracy.
+    (default: that of the KV cache, so the HC-table / KV ratio compares like with like; the paper's 1.67%
+    is bf16 for both); they are kept in fp32 for accuracy.
     """
 
     name: ClassVar[str] = "resv"
@@ -64,7 +66,7 @@ class ReSV(Retriever):
     hamming_threshold: int = DEFAULT_HAMMING_THRESHOLD
     buckets: int | None = None
     seed: int = 0
-    key_bytes: int = 2
+    key_bytes: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

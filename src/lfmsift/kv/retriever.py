@@ -35,7 +35,8 @@ class LayerIndex(ABC):
     def close(self, groups: list[int]) -> None:
         """Groups offloaded out of the device window (they accept no new tokens)."""
 
-    def stats(self, num_tokens: int) -> dict:
+    def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
+        """Index size for ``num_tokens`` stored tokens whose K/V values take ``value_bytes`` each."""
         return {}
 
     def visited_fraction(self) -> torch.Tensor | None:
@@ -91,7 +92,7 @@ class _ChunkIndex(LayerIndex):
     def select(self, queries: torch.Tensor) -> None:
         return None
 
-    def stats(self, num_tokens: int) -> dict:
+    def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
         return {"groups": self.groups}
 
 
