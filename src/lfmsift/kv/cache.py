@@ -86,7 +86,6 @@ class _Usage:
 class _Window:
     keys: torch.Tensor
     values: torch.Tensor
-    size: int
 
 
 @dataclass
@@ -183,8 +182,6 @@ class StreamingKVCache(Cache):
             keep = self._tokens_from(index.select(q), past_groups, text)
         else:
             keep = self._pending.pop(layer, None) if layer != self.full_layers[0] else None
-            if keep is not None and keep.shape[1] != past:
-                keep = None  # previous layer saw a different token set (cannot happen for aligned layers)
             nxt = self._next_full_layer(layer)
             if nxt is not None:
                 self._pending[nxt] = self._tokens_from(index.select(q), past_groups, text)
@@ -245,9 +242,8 @@ class StreamingKVCache(Cache):
         out = F.scaled_dot_product_attention(
             q, keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0), attn_mask=mask, scale=scaling
         )
-        keep = max(window - 1, 0)
-        self.windows[layer] = _Window(keys[:, -keep:] if keep else keys[:, :0], values[:, -keep:] if keep else
-                                      values[:, :0], keep)
+        start = max(keys.shape[1] - (window - 1), 0)  # the next token sees the last window - 1 of these
+        self.windows[layer] = _Window(keys[:, start:], values[:, start:])
         return out.transpose(0, 1)[None]
 
     # -- statistics ----------------------------------------------------------------------------------------

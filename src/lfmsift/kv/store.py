@@ -180,8 +180,8 @@ class LayerKVStore:
         self._clock += 1
         for g in torch.unique(groups).tolist():
             self._last_use[g] = self._clock
-        evict = self._plan_eviction(n, set(torch.unique(groups).tolist()))
-        self._check_fits(evict)
+        evict, sizes = self._plan_eviction(n, set(torch.unique(groups).tolist()))
+        self._check_fits(evict, sizes)
         first = self.num_tokens
         token_ids = torch.arange(first, first + n)
         dev_slot = self._dev_tokens.numel()
@@ -195,11 +195,17 @@ class LayerKVStore:
         self._note_peaks()
         return evict
 
-    def _plan_eviction(self, incoming: int, protected: set[int]) -> list[int]:
-        """Least recently used open groups to close so that the device holds ``incoming`` more tokens."""
+    def _device_group_sizes(self) -> dict[int, int]:
+        """Tokens each open group holds on the device."""
+        ids, counts = torch.unique(self.group.view[self._dev_tokens], return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist(), strict=True))
+
+    def _plan_eviction(self, incoming: int, protected: set[int]) -> tuple[list[int], dict[int, int]]:
+        """Least recently used open groups to close so that the device holds ``incoming`` more tokens,
+        and the device token count of each open group (computed only when something must go)."""
         cap = self.caps[DEVICE]
         if cap is None:
-            return []
+            return [], {}
         if incoming > cap:
             raise KVBudgetError(
                 f"a chunk of {incoming} tokens needs {incoming * self.token_bytes} bytes per layer on the device, "
@@ -207,9 +213,8 @@ class LayerKVStore:
             )
         over = self._dev_tokens.numel() + incoming - cap
         if over <= 0:
-            return []
-        ids, counts = torch.unique(self.group.view[self._dev_tokens], return_counts=True)
-        size = dict(zip(ids.tolist(), counts.tolist()))
+            return [], {}
+        size = self._device_group_sizes()
         evict, freed = [], 0
         for g in sorted(self._last_use, key=lambda g: (self._last_use[g], g)):
             if freed >= over:
@@ -218,14 +223,12 @@ class LayerKVStore:
                 continue  # a group only arriving now has nothing on the device yet
             evict.append(g)
             freed += size.get(g, 0)
-        return evict
+        return evict, size
 
-    def _check_fits(self, evict: list[int]) -> None:
+    def _check_fits(self, evict: list[int], size: dict[int, int]) -> None:
         """Simulate the host ring for the runs ``evict`` will write; fail before touching anything."""
         if not evict:
             return
-        ids, counts = torch.unique(self.group.view[self._dev_tokens], return_counts=True)
-        size = dict(zip(ids.tolist(), counts.tolist()))
         spill = self._simulate_spill([size.get(g, 0) for g in evict if size.get(g, 0)])
         disk_cap = self.caps[DISK]
         if disk_cap is not None and self._disk_tail + spill > disk_cap:

@@ -53,6 +53,11 @@ def chat_parts(tokenizer: Any, system_prompt: str | None = None) -> ChatParts:
         preamble, answer_open = one.split(_MARK_Q)
         next_turn = two.split(_MARK_B)[1].split(_MARK_Q)[0]
         return ChatParts(preamble, answer_open, next_turn)
+    return _plain_parts(system_prompt)
+
+
+def _plain_parts(system_prompt: str | None = None) -> ChatParts:
+    """Question / Answer framing for models without a chat template (or ``chat=False``)."""
     return ChatParts((system_prompt + "\n") if system_prompt else "", "\nAnswer:", "\n", "\nQuestion: ")
 
 
@@ -91,8 +96,7 @@ class StreamingSession:
         self.view = describe(self.model)
         self.cache = StreamingKVCache(self.view, self.retriever, self.budget or TierBudget())
         install(self.cache)
-        self.parts = chat_parts(self.tokenizer, self.system_prompt) if self.chat else ChatParts("", "\nAnswer:", "\n",
-                                                                                               "\nQuestion: ")
+        self.parts = chat_parts(self.tokenizer, self.system_prompt) if self.chat else _plain_parts(self.system_prompt)
         self._started = False
         self.device = next(self.model.parameters()).device
         self._stop = self._stop_ids()
