@@ -344,11 +344,12 @@ def describe(model: nn.Module) -> ModelView:
         attn = getattr(layer, "self_attn", None)
         if mlp is None or attn is None:
             raise _unsupported(f"Decoder layer {where} ({type(layer).__name__}, no .mlp / .self_attn)")
-        if getattr(mlp, "lfmsift_replacement", False):
-            raise AlreadyModifiedError(
-                f"Decoder layer {where} already holds an lfmsift {type(mlp).__name__}: remove() the handle that "
-                "installed it before applying another method"
-            )
+        for part in (mlp, attn):
+            if getattr(part, "lfmsift_replacement", False):
+                raise AlreadyModifiedError(
+                    f"Decoder layer {where} already holds an lfmsift {type(part).__name__}: remove() the handle "
+                    "that installed it before applying another method"
+                )
         ffn = _moe_ffn(mlp, spec, where + ".mlp") if hasattr(mlp, "experts") else _gated_ffn(mlp, where + ".mlp")
         view.layers.append(DecoderLayerView(i, layer, _attention(attn, config, i), ffn))
     return view
