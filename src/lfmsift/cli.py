@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -50,12 +51,21 @@ def _prune_settings(target: Optional[float], ffn_ratio: Optional[float], gamma: 
     return settings
 
 
-def _apply_prune(model_obj, method: Optional[str], settings: dict):
-    """Apply a pruning method (or nothing); errors end the command with a clear message."""
+def _apply_prune(model_obj, method: Optional[str], settings: dict, tokenizer=None):
+    """Apply a pruning method (or nothing); errors end the command with a clear message.
+
+    `gamma` goes only to POP; calibrated baselines (wanda_sp, flap, probe) get the tokenizer.
+    """
     if not method or method == "dense":
         return None
     import lfmsift.prune
+    from lfmsift.eval.harness import CALIBRATED
 
+    settings = dict(settings)
+    if method != "pop":
+        settings.pop("gamma", None)
+    if method in CALIBRATED:
+        settings["tokenizer"] = tokenizer
     try:
         return lfmsift.prune.apply(model_obj, method, **settings)
     except Exception as exc:
@@ -83,7 +93,7 @@ def _print_prune_stats(stats: dict) -> None:
     console.print(table)
 
 
-PRUNE_HELP = "Pruning method: pop, static, reselect (default: none)."
+PRUNE_HELP = "Pruning method: pop, static, reselect, griffin, wanda_sp, flap, probe (default: none)."
 
 
 @app.command()
@@ -139,7 +149,7 @@ def ppl(
     except Exception as exc:
         _fail(exc)
     settings = _prune_settings(target, ffn_ratio, gamma)
-    handle = _apply_prune(model_obj, prune, settings)
+    handle = _apply_prune(model_obj, prune, settings, tokenizer)
     start = time.perf_counter()
     result = perplexity(model_obj, tokenizer, text, seqlen=seqlen, windows=windows, batch_size=batch_size,
                         add_bos=bos)
@@ -212,7 +222,7 @@ def generate(
     record = {"task": "generate", "model": model, "prompt": prompt, "chat": use_chat, "sample": sample,
               "dtype": dtype, "runs": []}
     for label, method in runs:
-        handle = _apply_prune(model_obj, method, settings)
+        handle = _apply_prune(model_obj, method, settings, tokenizer)
         torch.manual_seed(seed)
         console.print(f"[bold]{model}[/] [cyan]{label}[/] ({'chat' if use_chat else 'plain'}, "
                       f"{'sampling' if sample else 'greedy'}):")
@@ -274,7 +284,7 @@ def decode_ppl(
     for col in ("method", "target", "FFN ratio", "decode ppl", "decode FFN FLOPs", "extra vs static", "overlap"):
         table.add_column(col, justify="right")
     for method, target in configs:
-        handle = _apply_prune(model_obj, method, {"target": target, "gamma": gamma} if target is not None else {})
+        handle = _apply_prune(model_obj, method, {"target": target, "gamma": gamma} if target is not None else {}, tokenizer)
         result = decode_perplexity(model_obj, tokenizer, text, prompt_len=prompt_len, new_tokens=new_tokens,
                                    samples=samples, batch_size=batch_size)
         row = {"method": method, "target": target, **result.to_dict()}
@@ -406,3 +416,62 @@ def _print_stream_stats(stats: dict) -> None:
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("smollm2-135m", help="Named model, local HF directory or hub id."),
+    methods: str = typer.Option(
+        "dense,pop,static,reselect,griffin,wanda_sp,flap,probe", help="Comma-separated pruning methods."
+    ),
+    targets: str = typer.Option("0.2,0.4", help="Comma-separated model-level targets."),
+    tasks: str = typer.Option(
+        "wikitext2,decode_ppl,arc_easy,arc_challenge,openbookqa,piqa,gen_agreement", help="Comma-separated tasks."
+    ),
+    data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: $LFMSIFT_DATA)."),
+    out: Path = typer.Option(Path("results/eval.json"), help="Results JSON (resumed if it exists); .md and .png beside it."),
+    mc_limit: Optional[int] = typer.Option(100, min=1, help="First N questions of each QA set."),
+    ppl_windows: Optional[int] = typer.Option(16, min=1, help="Perplexity windows."),
+    ppl_seqlen: int = typer.Option(512, min=2, help="Perplexity window length."),
+    decode_samples: int = typer.Option(8, min=1, help="Decode-perplexity samples."),
+    agree_samples: int = typer.Option(16, min=1, help="Generation-agreement prompts."),
+    calib_samples: int = typer.Option(64, min=1, help="Calibration windows (wanda_sp, flap, probe)."),
+    calib_seqlen: int = typer.Option(512, min=8, help="Calibration window length."),
+    calibration: str = typer.Option("ptb", help="Calibration text: a set name or a text file (never the eval data)."),
+    gamma: float = typer.Option(0.1, help="POP Candidate band width."),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+) -> None:
+    """Compare pruning methods on perplexity, decode perplexity, zero-shot QA and generation agreement.
+
+    Writes OUT (JSON, resumable: rows already there are skipped), OUT.md (table) and OUT.png (figures).
+    """
+    import shlex
+    import sys
+
+    from lfmsift.eval.harness import EvalSettings, check_names, run_comparison
+    from lfmsift.eval.report import figures, markdown_table
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        check_names(method_list, task_list)
+        target_list = [float(t) for t in targets.split(",") if t.strip()]
+        settings = EvalSettings(
+            ppl_seqlen=ppl_seqlen, ppl_windows=ppl_windows, decode_samples=decode_samples, mc_limit=mc_limit,
+            agree_samples=agree_samples, calibration=calibration, calib_samples=calib_samples,
+            calib_seqlen=calib_seqlen, gamma=gamma,
+        )
+        model_obj, tokenizer = _load(model, dtype, device)
+        command = " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
+        results = run_comparison(
+            model_obj, tokenizer, model, method_list, target_list, task_list, settings, out, data_dir, command
+        )
+    except Exception as exc:
+        _fail(exc)
+    doc = json.loads(Path(out).read_text())
+    table = markdown_table(doc)
+    Path(out).with_suffix(".md").write_text(f"# {model}\n\n`{doc['header']['command']}`\n\n{table}")
+    png = figures(doc, Path(out).with_suffix(".png"))
+    console.print(table)
+    console.print(f"Wrote {out}, {Path(out).with_suffix('.md')} and {png} ({len(results.rows)} rows)")

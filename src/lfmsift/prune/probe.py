@@ -34,7 +34,7 @@ from torch import nn
 from lfmsift.models.adapters import AttentionView, GatedFFN, ModelView
 from lfmsift.prune.calibration import CalibratedMethod, ColumnStats
 from lfmsift.prune.registry import Plan, PruneHandle, PruningMethod, Swap, register
-from lfmsift.prune.structured import SlicedFFN, pruned_attention
+from lfmsift.prune.structured import LayerMask, SlicedFFN, pruned_attention, reduction_summary
 
 
 @dataclass
@@ -256,6 +256,25 @@ def _prompt_hook(context: ProbeContext):
     return hook
 
 
+def _expected_reduction(view: ModelView, ratio: float, skipped: list[int], multiple: int) -> dict:
+    """Heads / channels / weights kept per batch: the counts are fixed, only which ones varies. Key/value
+    heads are counted as kept (true unless a batch drops every query head of a group)."""
+    masks = []
+    for layer in view.layers:
+        if layer.index in skipped:
+            masks.append(LayerMask())
+            continue
+        a, d_ff = layer.attention, layer.ffn.intermediate_size
+        spread = torch.arange(a.num_heads).view(a.num_kv_heads, -1).t().reshape(-1)
+        masks.append(
+            LayerMask(
+                heads=spread[: a.num_heads - _removed(a.num_heads, ratio)],
+                channels=torch.arange(d_ff - _removed(d_ff, ratio, multiple)),
+            )
+        )
+    return reduction_summary(view, masks)
+
+
 @register("probe")
 @dataclass
 class ProbePruning(CalibratedMethod, PruningMethod):
@@ -290,6 +309,7 @@ class ProbePruning(CalibratedMethod, PruningMethod):
             hooks.append((_ffn_norm(layer.module), _capture(context, (i, "ffn")), True))
         summary = {
             "target": self.target,
+            **_expected_reduction(view, ratio, skipped, self.channel_multiple),
             "layer_ratio": ratio,
             "skip_layers": skipped,
             "calibration": stats.source,
@@ -300,6 +320,6 @@ class ProbePruning(CalibratedMethod, PruningMethod):
     def stats(self, handle: PruneHandle) -> dict[str, Any]:
         blocks = handle.replacements
         return {
-            "heads_kept": sum(b.kept for b in blocks if isinstance(b, ProbeAttention)),
-            "channels_kept": sum(b.kept for b in blocks if isinstance(b, ProbeFFN)),
+            "probed_heads_kept": sum(b.kept for b in blocks if isinstance(b, ProbeAttention)),
+            "probed_channels_kept": sum(b.kept for b in blocks if isinstance(b, ProbeFFN)),
         }
