@@ -2,7 +2,7 @@
 
 Each choice is a request ``(context, continuation)``; its score is the summed log-probability of the
 continuation tokens given the context. ``acc`` takes the highest score, ``acc_norm`` the highest score per
-character of the continuation (lm-eval's length normalisation). Prompt formats follow lm-eval's task
+character of the choice (lm-eval's length normalisation). Prompt formats follow lm-eval's task
 configs: ARC and PIQA ``"Question: {query}\\nAnswer:"``, OpenBookQA ``"{query}"``, choices as
 ``" {choice}"``. WinoGrande-style questions (``sentence`` with one ``_``) use partial scoring: the context is
 the sentence up to the blank with the option filled in, the continuation the rest of the sentence, whose
@@ -100,6 +100,15 @@ def encode_pair(tokenizer, context: str, continuation: str, bos_id: int | None) 
 @torch.no_grad()
 def continuation_logliks(model, sequences: list[list[int]], n_cont: list[int], pad_id: int) -> list[float]:
     """Summed log-probabilities of the last `n_cont[i]` tokens of each sequence, in one left-padded batch."""
+    return [score for score, _ in continuation_scores(model, sequences, n_cont, pad_id)]
+
+
+@torch.no_grad()
+def continuation_scores(
+    model, sequences: list[list[int]], n_cont: list[int], pad_id: int
+) -> list[tuple[float, bool]]:
+    """(summed log-probability, whether greedy decoding would produce it) of the last `n_cont[i]` tokens of
+    each sequence, in one left-padded batch (lm-eval's ``loglikelihood`` pair)."""
     device = next(model.parameters()).device
     length = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -121,7 +130,8 @@ def continuation_logliks(model, sequences: list[list[int]], n_cont: list[int], p
     for i, n in enumerate(n_cont):
         targets = ids[i, length - n:].to(logp.device)
         pred = logp[i, keep - 1 - n : keep - 1]  # position p predicts token p + 1
-        scores.append(pred.gather(-1, targets[:, None]).sum().item())
+        greedy = bool((pred.argmax(-1) == targets).all())
+        scores.append((pred.gather(-1, targets[:, None]).sum().item(), greedy))
     return scores
 
 
@@ -130,7 +140,12 @@ def score_question(model, tokenizer, question, bos_id: int | None, pad_id: int) 
     pairs = requests(question)
     encoded = [encode_pair(tokenizer, c, x, bos_id) for c, x in pairs]
     logliks = continuation_logliks(model, [e[0] for e in encoded], [e[1] for e in encoded], pad_id)
-    return ChoiceResult(question.id, question.label, logliks, [len(x) for _, x in pairs])
+    # acc_norm divides by the characters of the choice itself, as lm-eval does (not its leading space)
+    if isinstance(question, BlankQuestion):
+        chars = [len(x.strip()) for _, x in pairs]
+    else:
+        chars = [len(c) for c in question.choices]
+    return ChoiceResult(question.id, question.label, logliks, chars)
 
 
 def multiple_choice(

@@ -66,6 +66,14 @@ class FLAP(CalibratedMethod, PruningMethod):
 
     def plan(self, model, view: ModelView) -> Plan:
         stats = self.calibration_stats(model, view)
+        summary = {
+            "target": self.target,
+            "calibration": stats.source,
+            "calib_tokens": stats.samples * stats.seqlen,
+            "bias_compensation": self.bias_compensation,
+        }
+        if self.target == 0:
+            return masks_plan(view, [LayerMask() for _ in view.layers], summary)
         head_scores, ffn_scores, head_weights = [], [], []
         for layer, a_stats, f_stats in zip(view.layers, stats.attention, stats.ffn):
             a = layer.attention
@@ -92,10 +100,4 @@ class FLAP(CalibratedMethod, PruningMethod):
                 if removed_ch.numel():
                     mask.down_bias = mean_bias(layer.ffn.down_proj.weight, f_stats.mean, removed_ch)
             masks.append(mask)
-        summary = {
-            "target": self.target,
-            "calibration": stats.source,
-            "calib_tokens": stats.samples * stats.seqlen,
-            "bias_compensation": self.bias_compensation,
-        }
         return masks_plan(view, masks, summary)
