@@ -68,3 +68,33 @@ def test_models_command(tmp_path):
     assert res.exit_code == 0, res.output
     assert "smollm2-135m" in res.output
     assert "olmoe" in json.loads(out.read_text())["supported_model_types"]
+
+
+def test_eval_command_writes_json_table_and_figure(smollm2, data_dir, tmp_path):
+    out = tmp_path / "cmp.json"
+    args = ["eval", "--model", "smollm2-135m", "--methods", "dense,wanda_sp", "--targets", "0.2",
+            "--tasks", "arc_easy", "--mc-limit", "2", "--calib-samples", "2", "--calib-seqlen", "64",
+            "--data-dir", str(data_dir), "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert [(r["method"], r["target"]) for r in doc["rows"]] == [("dense", 0.0), ("wanda_sp", 0.2)]
+    assert doc["header"]["command"].startswith("lfmsift")
+    assert "| wanda_sp | 20% |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_eval_unknown_method_names_the_known_ones(tmp_path):
+    res = runner.invoke(app, ["eval", "--methods", "dense,sparsegpt", "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2
+    assert "sparsegpt" in res.output and "wanda_sp" in res.output
+
+
+def test_ppl_with_a_calibrated_baseline(smollm2, data_dir, tmp_path):
+    out = tmp_path / "ppl.json"
+    res = runner.invoke(app, ["ppl", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--seqlen", "64",
+                              "--windows", "1", "--prune", "flap", "--target", "0.2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "achieved_reduction" in res.output
+    stats = json.loads(out.read_text())["prune_stats"]
+    assert stats["method"] == "flap" and 0.1 < stats["achieved_reduction"] < 0.3

@@ -51,7 +51,7 @@ def _prune_settings(target: Optional[float], ffn_ratio: Optional[float], gamma: 
     return settings
 
 
-def _apply_prune(model_obj, method: Optional[str], settings: dict, tokenizer=None):
+def _apply_prune(model_obj, method: Optional[str], settings: dict, tokenizer=None, data_dir=None):
     """Apply a pruning method (or nothing); errors end the command with a clear message.
 
     `gamma` goes only to POP; calibrated baselines (wanda_sp, flap, probe) get the tokenizer.
@@ -65,7 +65,7 @@ def _apply_prune(model_obj, method: Optional[str], settings: dict, tokenizer=Non
     if method != "pop":
         settings.pop("gamma", None)
     if method in CALIBRATED:
-        settings["tokenizer"] = tokenizer
+        settings.update(tokenizer=tokenizer, data_dir=data_dir)
     try:
         return lfmsift.prune.apply(model_obj, method, **settings)
     except Exception as exc:
@@ -73,6 +73,15 @@ def _apply_prune(model_obj, method: Optional[str], settings: dict, tokenizer=Non
 
 
 def _print_prune_stats(stats: dict) -> None:
+    if "total" not in stats:  # a baseline: print its settings and what it removed
+        table = Table(title=f"{stats['method']}")
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        for k, v in stats.items():
+            if k != "method" and not isinstance(v, (list, dict)):
+                table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(table)
+        return
     t = stats["total"]
     table = Table(title=f"{stats['method']}: FFN ratio {stats['ffn_ratio']:.3f}"
                   + (f", target {stats['target']:g}" if stats.get("target") is not None else "")
@@ -149,7 +158,7 @@ def ppl(
     except Exception as exc:
         _fail(exc)
     settings = _prune_settings(target, ffn_ratio, gamma)
-    handle = _apply_prune(model_obj, prune, settings, tokenizer)
+    handle = _apply_prune(model_obj, prune, settings, tokenizer, data_dir)
     start = time.perf_counter()
     result = perplexity(model_obj, tokenizer, text, seqlen=seqlen, windows=windows, batch_size=batch_size,
                         add_bos=bos)
@@ -160,12 +169,18 @@ def ppl(
         f"({scope} {result.windows_available} windows of {seqlen} tokens, {result.tokens_scored} tokens scored, "
         f"{seconds:.1f} s)"
     )
+    prune_stats = None
+    if handle is not None:
+        stats = handle.stats()
+        handle.remove()
+        _print_prune_stats(stats)
+        prune_stats = {k: v for k, v in stats.items() if not isinstance(v, (list, dict))}
     if json_path:
         from lfmsift.results import write_json
 
         write_json(json_path, {"task": "perplexity", "model": model, "data": data, "dtype": dtype,
                                "method": prune or "dense", "settings": settings if handle else None,
-                               "seconds": seconds, **result.to_dict()})
+                               "prune_stats": prune_stats, "seconds": seconds, **result.to_dict()})
 
 
 @app.command()
@@ -284,7 +299,7 @@ def decode_ppl(
     for col in ("method", "target", "FFN ratio", "decode ppl", "decode FFN FLOPs", "extra vs static", "overlap"):
         table.add_column(col, justify="right")
     for method, target in configs:
-        handle = _apply_prune(model_obj, method, {"target": target, "gamma": gamma} if target is not None else {}, tokenizer)
+        handle = _apply_prune(model_obj, method, {"target": target, "gamma": gamma} if target is not None else {}, tokenizer, data_dir)
         result = decode_perplexity(model_obj, tokenizer, text, prompt_len=prompt_len, new_tokens=new_tokens,
                                    samples=samples, batch_size=batch_size)
         row = {"method": method, "target": target, **result.to_dict()}
