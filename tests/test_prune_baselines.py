@@ -16,7 +16,16 @@ from lfmsift.prune.flap import fluctuation_scores, global_threshold, standardize
 from lfmsift.prune.griffin import GriffinFFN, griffin_scores
 from lfmsift.prune.probe import ProbeAttention, ProbeFFN, fused_importance, probe_indices
 from lfmsift.prune.structured import SlicedFFN, kv_layout, pruned_attention
-from lfmsift.prune.wanda_sp import wanda_column_scores
+from lfmsift.prune.registry import PruneHandle, PruningMethod
+from lfmsift.prune.structured import LayerMask, masks_plan
+from lfmsift.prune.wanda_sp import layer_mask, sequential_masks, wanda_column_scores
+
+
+def apply_plan(model, plan):
+    """Install a ready-made plan (what `apply` does after a method plans)."""
+    handle = PruneHandle(model, PruningMethod(), plan)
+    handle._install()
+    return handle
 
 ARCHS = ["llama", "qwen3", "gemma3_text"]
 
@@ -34,7 +43,9 @@ def setup(request):
 
 
 def _settings(method, target, stats):
-    if method in ("wanda_sp", "flap"):
+    if method == "wanda_sp":
+        return dict(target=target, calib_stats=stats, sequential=False)
+    if method == "flap":
         return dict(target=target, calib_stats=stats)
     if method == "probe":
         return dict(target=target, calib_stats=stats, skip_layers=())
@@ -76,7 +87,7 @@ def test_ratio_zero_is_dense(setup, method):
 def test_wanda_sp_removes_uniform_counts(setup):
     model, stats, x, ref = setup
     view = describe(model)
-    handle = apply(model, "wanda_sp", target=0.4, calib_stats=stats)
+    handle = apply(model, "wanda_sp", target=0.4, calib_stats=stats, sequential=False)
     try:
         for layer in view.layers:  # layer.module is the live decoder layer, holding the swapped modules
             dense = layer
@@ -250,6 +261,8 @@ def test_bad_settings_and_names():
         apply(model, "flap", target=0.2)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         apply(model, "wanda_sp", target=1.5, calib_stats=object())
+    with pytest.raises(ValueError, match="layer by layer"):
+        apply(model, "wanda_sp", target=0.2, calib_stats=object())
     with pytest.raises(ValueError, match="exactly one"):
         apply(model, "griffin")
     assert {"wanda_sp", "flap", "probe", "griffin", "pop", "static", "reselect"} <= set(METHODS)
@@ -258,10 +271,33 @@ def test_bad_settings_and_names():
 def test_cannot_stack_methods():
     model = tiny_model("llama")
     stats = collect_windows(model, torch.randint(0, model.config.vocab_size, (2, 16)))
-    handle = apply(model, "wanda_sp", target=0.4, calib_stats=stats)
+    handle = apply(model, "wanda_sp", target=0.4, calib_stats=stats, sequential=False)
     try:
         with pytest.raises(AlreadyModifiedError):
             apply(model, "pop", target=0.2)
     finally:
         handle.remove()
     assert all(isinstance(layer.ffn.module, nn.Module) for layer in describe(model).layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_wanda_sp_sequential_calibrates_on_pruned_outputs(arch):
+    """Layer 1's mask must come from statistics of the model with layer 0 already pruned (FLAP repo)."""
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    view = describe(model)
+    windows = torch.randint(0, model.config.vocab_size, (4, 20))
+    masks = sequential_masks(model, view, windows, None, 0.5)
+    dense_stats = collect_windows(model, windows)
+    first = layer_mask(view.layers[0], dense_stats.attention[0], dense_stats.ffn[0], 0.5)
+    assert torch.equal(masks[0].heads, first.heads) and torch.equal(masks[0].channels, first.channels)
+    handle = apply_plan(model, masks_plan(view, [masks[0]] + [LayerMask() for _ in view.layers[1:]]))
+    try:
+        pruned_stats = collect_windows(model, windows, view=view)
+    finally:
+        handle.remove()
+    second = layer_mask(view.layers[1], pruned_stats.attention[1], pruned_stats.ffn[1], 0.5)
+    assert torch.equal(masks[1].heads, second.heads) and torch.equal(masks[1].channels, second.channels)
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, model(windows).logits)  # the model is left dense
+    assert all(layer.ffn.module is layer.module.mlp for layer in view.layers)

@@ -6,9 +6,12 @@ the norm of column j of the calibration inputs. FFN: the ``int(r * d_ff)`` chann
 ``head_dim`` columns and the ``int(r * num_heads)`` lowest heads go. The same ratio r = the model-level
 target in every layer and module; no bias compensation.
 
-Differences from the reference: calibration on PTB (`calibration`), not C4; all statistics come from one
-dense pass, whereas the repo recomputes each layer's calibration inputs after pruning the layers before it;
-with grouped-query attention a key/value head goes only with all of its query heads (see `structured`).
+Calibration inputs: with ``sequential=True`` (the repo's protocol) each layer is calibrated on the outputs
+of the layers before it *after* they were pruned; with ``sequential=False`` all statistics come from one
+dense pass (shared with the other calibrated methods, cheaper). The default is the repo's.
+
+Differences from the reference: calibration on PTB (`calibration`), not C4; with grouped-query attention a
+key/value head goes only with all of its query heads (see `structured`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lfmsift.models.adapters import ModelView
-from lfmsift.prune.calibration import CalibratedMethod
+from lfmsift.models.adapters import DecoderLayerView, ModelView
+from lfmsift.prune.calibration import CalibratedMethod, ColumnStats, calibration_windows
 from lfmsift.prune.registry import Plan, PruningMethod, register
-from lfmsift.prune.structured import LayerMask, masks_plan
+from lfmsift.prune.structured import LayerMask, layer_swaps, masks_plan
 
 
 def wanda_column_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
@@ -34,23 +37,91 @@ def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, keep).indices).values
 
 
+def layer_mask(layer: DecoderLayerView, attn_stats: ColumnStats, ffn_stats: ColumnStats, ratio: float) -> LayerMask:
+    """Wanda-sp's mask of one layer: the int(ratio * n) lowest heads and channels go."""
+    a = layer.attention
+    head_scores = wanda_column_scores(a.o_proj.weight, attn_stats.total_sq).reshape(-1, a.head_dim).sum(1)
+    ffn_scores = wanda_column_scores(layer.ffn.down_proj.weight, ffn_stats.total_sq)
+    return LayerMask(
+        heads=keep_top(head_scores, int(ratio * a.num_heads)),
+        channels=keep_top(ffn_scores, int(ratio * ffn_scores.numel())),
+    )
+
+
+@torch.no_grad()
+def sequential_masks(model, view: ModelView, windows: torch.Tensor, bos_id: int | None, ratio: float) -> list[LayerMask]:
+    """FLAP repo's ``prune_wanda_sp`` loop: calibrate layer i on the outputs of the already pruned layers
+    0..i-1, decide its mask, prune it, and pass its pruned outputs on.
+
+    The inputs and keyword arguments (masks, rotary embeddings) of every decoder layer are captured in one
+    dense forward that stops after the last layer; then each layer runs on its own.
+    """
+    device = next(model.parameters()).device
+    ids = windows.to(device)
+    if bos_id is not None:
+        ids = torch.cat([torch.full((ids.shape[0], 1), bos_id, device=device), ids], dim=1)
+    captured: dict[int, tuple] = {}
+
+    def capture(i):
+        def hook(module, args, kwargs):
+            captured[i] = (args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(capture(layer.index), with_kwargs=True) for layer in view.layers]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = captured[0][0]
+    masks = []
+    for layer in view.layers:
+        kwargs = captured[layer.index][1]
+        a_stats, f_stats = ColumnStats(), ColumnStats()
+        hooks = [
+            layer.attention.o_proj.register_forward_hook(lambda m, i, o: a_stats.add(i[0], None)),
+            layer.ffn.down_proj.register_forward_hook(lambda m, i, o: f_stats.add(i[0], None)),
+        ]
+        try:
+            layer.module(hidden, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        mask = layer_mask(layer, a_stats, f_stats, ratio)
+        masks.append(mask)
+        swaps = layer_swaps(layer, mask)
+        for sw in swaps:
+            setattr(sw.parent, sw.attr, sw.replacement)
+        try:
+            out = layer.module(hidden, **kwargs)
+        finally:
+            for sw in swaps:
+                setattr(sw.parent, sw.attr, sw.original)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return masks
+
+
 @register("wanda_sp")
 @dataclass
 class WandaSP(CalibratedMethod, PruningMethod):
     """Static structured Wanda: uniform ratio `target` on the heads and the FFN channels of every layer."""
 
+    sequential: bool = True
+
     def plan(self, model, view: ModelView) -> Plan:
-        stats = self.calibration_stats(model, view)
-        masks = []
-        for layer, a_stats, f_stats in zip(view.layers, stats.attention, stats.ffn):
-            a = layer.attention
-            head_scores = wanda_column_scores(a.o_proj.weight, a_stats.total_sq).reshape(-1, a.head_dim).sum(1)
-            ffn_scores = wanda_column_scores(layer.ffn.down_proj.weight, f_stats.total_sq)
-            masks.append(
-                LayerMask(
-                    heads=keep_top(head_scores, int(self.target * a.num_heads)),
-                    channels=keep_top(ffn_scores, int(self.target * ffn_scores.numel())),
-                )
-            )
-        summary = {"target": self.target, "calibration": stats.source, "calib_tokens": stats.samples * stats.seqlen}
+        if self.sequential:
+            if self.tokenizer is None:
+                raise ValueError("wanda_sp with sequential=True calibrates layer by layer: pass tokenizer=")
+            from lfmsift.eval.data import load_text
+            from lfmsift.eval.perplexity import resolve_bos
+
+            text = load_text(self.calibration, self.data_dir)
+            windows = calibration_windows(self.tokenizer, text, self.calib_samples, self.calib_seqlen)
+            masks = sequential_masks(model, view, windows, resolve_bos(self.tokenizer, None)[1], self.target)
+            source, tokens = str(self.calibration), windows.numel()
+        else:
+            stats = self.calibration_stats(model, view)
+            masks = [layer_mask(layer, a, f, self.target) for layer, a, f in zip(view.layers, stats.attention, stats.ffn)]
+            source, tokens = stats.source, stats.samples * stats.seqlen
+        summary = {"target": self.target, "calibration": source, "calib_tokens": tokens, "sequential": self.sequential}
         return masks_plan(view, masks, summary)
