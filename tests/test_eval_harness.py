@@ -86,6 +86,16 @@ def test_multiple_choice_equals_hand_computed_loglik(two_questions):
     assert result.acc == 0.5 and result.acc_norm == 1.0
 
 
+def test_winogrande_partial_scoring_hand_case(tmp_path):
+    path = tmp_path / "wino.jsonl"
+    path.write_text(json.dumps({"sentence": "x _ og", "options": ["d", "c"], "label": 0}) + "\n")
+    result = multiple_choice(Bigram(), CharTokenizer(), load_questions(str(path)), progress=False)
+    # contexts "x d" / "x c", the same continuation " og" scored after each
+    rest = log_p(" ", "o") + log_p("o", "g")
+    assert result.details[0].loglik == pytest.approx([log_p("d", " ") + rest, log_p("c", " ") + rest], abs=1e-5)
+    assert result.acc == 1.0
+
+
 def test_bad_question_file_names_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "q", "choices": ["a", "b"], "label": 0}\n{"query": "q", "label": 1}\n')
