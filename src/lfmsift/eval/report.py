@@ -111,12 +111,13 @@ def figures(doc: dict, path: str | Path) -> Path:
         if dense is not None:
             ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
         for m in methods:
-            pts = [(t, get(m, t)) for mm, t in runs if mm == m]
+            pts = ([(0.0, dense)] if dense is not None else []) + [(t, get(m, t)) for mm, t in runs if mm == m]
             pts = [(t, v) for t, v in pts if v is not None and math.isfinite(v)]
             if pts:
                 ax.plot([100 * t for t, _ in pts], [v for _, v in pts], marker="o", label=m)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("target (% of attention + FFN weights)")
+        ax.set_xticks([0] + sorted({round(100 * t) for _, t in runs if t > 0}))
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
