@@ -33,16 +33,16 @@ from torch import nn
 
 from lfmsift.models.adapters import AttentionView, GatedFFN, ModelView
 from lfmsift.prune.calibration import CalibratedMethod, ColumnStats
+from lfmsift.prune.online import _prompt_hook as online_prompt_hook
+from lfmsift.prune.pop import PromptContext
 from lfmsift.prune.registry import Plan, PruneHandle, PruningMethod, Swap, register
 from lfmsift.prune.structured import LayerMask, SlicedFFN, pruned_attention, reduction_summary
 
 
 @dataclass
-class ProbeContext:
+class ProbeContext(PromptContext):
     """Shared by the probe modules: the current prompt, its pad mask and the captured residual streams."""
 
-    prompt_id: int = 0
-    token_mask: torch.Tensor | None = None
     residual: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
@@ -240,16 +240,12 @@ def _capture(context: ProbeContext, key: tuple[int, str]):
 
 
 def _prompt_hook(context: ProbeContext):
+    """POP's prompt hook (new prompt on an empty cache, pad mask of the current tokens), then forget the
+    residual streams captured for the previous forward."""
+    mark_prompt = online_prompt_hook(context)
+
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None or int(cache.get_seq_length()) == 0:
-            context.prompt_id += 1
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and x is not None and mask.shape[0] == x.shape[0]
-        context.token_mask = mask[:, -x.shape[1]:] if ok else None
+        mark_prompt(module, args, kwargs)
         context.residual.clear()
         return None
 
