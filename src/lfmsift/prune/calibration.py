@@ -169,7 +169,7 @@ def collect_windows(
             batch = windows[start : start + batch_size].to(device)
             if bos_id is not None:
                 batch = torch.cat([torch.full((batch.shape[0], 1), bos_id, device=device), batch], dim=1)
-            model(input_ids=batch, use_cache=False)
+            view.language_model(input_ids=batch, use_cache=False)  # the decoder stack: no LM-head logits
     finally:
         for h in handles:
             h.remove()

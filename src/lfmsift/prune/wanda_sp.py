@@ -54,7 +54,8 @@ def sequential_masks(model, view: ModelView, windows: torch.Tensor, bos_id: int 
     0..i-1, decide its mask, prune it, and pass its pruned outputs on.
 
     The inputs and keyword arguments (masks, rotary embeddings) of every decoder layer are captured in one
-    dense forward that stops after the last layer; then each layer runs on its own.
+    dense forward of the decoder stack (no LM head: its logits would dwarf everything else); then each
+    layer runs on its own.
     """
     device = next(model.parameters()).device
     ids = windows.to(device)
@@ -69,7 +70,7 @@ def sequential_masks(model, view: ModelView, windows: torch.Tensor, bos_id: int 
 
     handles = [layer.module.register_forward_pre_hook(capture(layer.index), with_kwargs=True) for layer in view.layers]
     try:
-        model(input_ids=ids, use_cache=False)
+        view.language_model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
