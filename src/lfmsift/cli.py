@@ -445,7 +445,7 @@ def eval_(
     ),
     data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: $LFMSIFT_DATA)."),
     out: Path = typer.Option(Path("results/eval.json"), help="Results JSON (resumed if it exists); .md and .png beside it."),
-    mc_limit: Optional[int] = typer.Option(100, min=1, help="First N questions of each QA set."),
+    mc_limit: int = typer.Option(100, min=0, help="First N questions of each QA set (0: all of them)."),
     ppl_windows: Optional[int] = typer.Option(16, min=1, help="Perplexity windows."),
     ppl_seqlen: int = typer.Option(512, min=2, help="Perplexity window length."),
     decode_samples: int = typer.Option(8, min=1, help="Decode-perplexity samples."),
@@ -473,7 +473,7 @@ def eval_(
         check_names(method_list, task_list)
         target_list = [float(t) for t in targets.split(",") if t.strip()]
         settings = EvalSettings(
-            ppl_seqlen=ppl_seqlen, ppl_windows=ppl_windows, decode_samples=decode_samples, mc_limit=mc_limit,
+            ppl_seqlen=ppl_seqlen, ppl_windows=ppl_windows, decode_samples=decode_samples, mc_limit=mc_limit or None,
             agree_samples=agree_samples, calibration=calibration, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, gamma=gamma,
         )

@@ -93,10 +93,15 @@ def check_names(methods: list[str], tasks: list[str]) -> None:
         raise ValueError(f"Unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}")
 
 
-def method_settings(method: str, target: float, settings: EvalSettings, tokenizer, calib_stats) -> dict[str, Any]:
+def method_settings(
+    method: str, target: float, settings: EvalSettings, tokenizer, calib_stats, data_dir=None
+) -> dict[str, Any]:
     """Keyword settings of `lfmsift.prune.apply` for `method` at a model-level `target`."""
     if method in CALIBRATED:
-        return dict(target=target, tokenizer=tokenizer, calib_stats=calib_stats)
+        return dict(
+            target=target, tokenizer=tokenizer, calib_stats=calib_stats, calibration=settings.calibration,
+            calib_samples=settings.calib_samples, calib_seqlen=settings.calib_seqlen, data_dir=data_dir,
+        )
     if method == "pop":
         return dict(target=target, gamma=settings.gamma)
     return dict(target=target)
@@ -193,7 +198,7 @@ def run_comparison(
         handle = None
         if method != "dense":
             stats = calib_stats() if method in CALIBRATED else None
-            handle = apply(model, method, **method_settings(method, target, settings, tokenizer, stats))
+            handle = apply(model, method, **method_settings(method, target, settings, tokenizer, stats, data_dir))
         try:
             info = _summary(handle.stats()) if handle is not None else {}
             for task in todo:
