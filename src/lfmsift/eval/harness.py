@@ -6,8 +6,8 @@
 
 Each finished (method, target, task) row is written to the JSON file at once; a run started again with the
 same settings skips the rows already there, so an interrupted run continues where it stopped. ``dense`` is
-evaluated once (target 0). Calibrated methods (``wanda_sp``, ``flap``, ``probe``) share one calibration pass
-per model. Methods that prune attention and FFN (``wanda_sp``, ``flap``, ``probe``) get the model-level
+evaluated once (target 0). ``flap`` and ``probe`` share one calibration pass
+per model (Wanda-sp calibrates layer by layer on its own). Methods that prune attention and FFN (``wanda_sp``, ``flap``, ``probe``) get the model-level
 target directly; FFN-only methods (``pop``, ``static``, ``reselect``, ``griffin``) get it converted per layer
 to an FFN ratio (`lfmsift.prune.budget`), as in the POP paper.
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from lfmsift.eval.agreement import agreement_prompts, compare, greedy
-from lfmsift.eval.data import DATASETS, load_questions, load_text
+from lfmsift.eval.data import load_questions, load_text
 from lfmsift.eval.decode_ppl import decode_perplexity
 from lfmsift.eval.multiple_choice import multiple_choice
 from lfmsift.eval.perplexity import perplexity
@@ -197,8 +197,10 @@ def run_comparison(
             continue
         handle = None
         if method != "dense":
-            stats = calib_stats() if method in CALIBRATED else None
-            handle = apply(model, method, **method_settings(method, target, settings, tokenizer, stats, data_dir))
+            # the shared calibration is passed lazily: only methods that read it (flap, probe, one-pass
+            # wanda_sp) run it, once per model
+            shared = calib_stats if method in CALIBRATED else None
+            handle = apply(model, method, **method_settings(method, target, settings, tokenizer, shared, data_dir))
         try:
             info = _summary(handle.stats()) if handle is not None else {}
             for task in todo:
@@ -263,4 +265,4 @@ def headline(row: dict) -> float:
     return row["metrics"][HEADLINE[TASK_KINDS[row["task"]]]]
 
 
-__all__ = ["DATASETS", "EvalSettings", "ResultsFile", "TASKS", "check_names", "headline", "run_comparison"]
+__all__ = ["EvalSettings", "ResultsFile", "TASKS", "check_names", "headline", "run_comparison"]

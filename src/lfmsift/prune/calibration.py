@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,6 +107,12 @@ def calibration_windows(tokenizer, text: str, samples: int, seqlen: int) -> torc
     return make_windows(ids, seqlen, samples)
 
 
+def text_windows(tokenizer, calibration: str, samples: int, seqlen: int, data_dir=None):
+    """(calibration windows of `calibration` text, BOS id to prepend or None)."""
+    windows = calibration_windows(tokenizer, load_text(calibration, data_dir), samples, seqlen)
+    return windows, resolve_bos(tokenizer, None)[1]
+
+
 @torch.no_grad()
 def collect(
     model: nn.Module,
@@ -126,9 +133,7 @@ def collect(
         samples, seqlen: number and length of the calibration windows.
         positions: also keep per-position mean squares (Probe Pruning's history).
     """
-    text = load_text(calibration, data_dir)
-    windows = calibration_windows(tokenizer, text, samples, seqlen)
-    _, bos_id = resolve_bos(tokenizer, None)
+    windows, bos_id = text_windows(tokenizer, calibration, samples, seqlen, data_dir)
     stats = collect_windows(model, windows, bos_id, batch_size, positions, view, progress)
     stats.source = str(calibration)
     logger.info("Calibrated on %d x %d tokens of %s", stats.samples, seqlen, calibration)
@@ -180,13 +185,14 @@ def collect_windows(
 class CalibratedMethod:
     """Settings shared by the methods that calibrate (`wanda_sp`, `flap`, `probe`).
 
-    Either pass `calib_stats` (from `collect`, e.g. to reuse one calibration for several targets) or a
-    `tokenizer` so the method can calibrate itself on `calibration` text.
+    Either pass `calib_stats` (from `collect`, e.g. to reuse one calibration for several targets; or a
+    function returning them, called only by methods that use them) or a `tokenizer` so the method can
+    calibrate itself on `calibration` text.
     """
 
     target: float = 0.2
     tokenizer: object = None
-    calib_stats: CalibrationStats | None = None
+    calib_stats: CalibrationStats | Callable[[], CalibrationStats] | None = None
     calibration: str = "ptb"
     calib_samples: int = 64
     calib_seqlen: int = 512
@@ -199,8 +205,9 @@ class CalibratedMethod:
             raise ValueError(f"{self.name} calibrates on text: pass tokenizer= (or precomputed calib_stats=)")
 
     def calibration_stats(self, model, view: ModelView, positions: bool = False) -> CalibrationStats:
-        if self.calib_stats is not None and (not positions or self.calib_stats.attention[0].position_sq is not None):
-            return self.calib_stats
+        stats = self.calib_stats() if callable(self.calib_stats) else self.calib_stats
+        if stats is not None and (not positions or stats.attention[0].position_sq is not None):
+            return stats
         return collect(
             model, self.tokenizer, self.calibration, self.calib_samples, self.calib_seqlen,
             positions=positions, data_dir=self.data_dir, view=view,

@@ -45,6 +45,8 @@ class GriffinFFN(nn.Module):
         super().__init__()
         if not 0.0 <= ffn_ratio < 1.0:
             raise ValueError(f"griffin: the FFN ratio must be in [0, 1); got {ffn_ratio}")
+        if ffn.gate_proj.bias is not None or ffn.up_proj.bias is not None:
+            raise TypeError("griffin: gate/up projections with a bias are not supported")
         self.dense = ffn.module
         self._ffn = ffn
         self.ffn_ratio = float(ffn_ratio)
@@ -75,8 +77,6 @@ class GriffinFFN(nn.Module):
         self.w_gate = f.gate_proj.weight.index_select(0, self.experts)
         self.w_up = f.up_proj.weight.index_select(0, self.experts)
         self.w_down = f.down_proj.weight.index_select(1, self.experts).contiguous()
-        if f.gate_proj.bias is not None or f.up_proj.bias is not None:
-            raise TypeError("griffin: gate/up projections with a bias are not supported")
         self._prompt_id = self.context.prompt_id
         self.prefill_tokens += x.shape[0] * x.shape[1]
         return f.down_proj(z)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lfmsift.models.adapters import DecoderLayerView, ModelView
-from lfmsift.prune.calibration import CalibratedMethod, ColumnStats, calibration_windows
+from lfmsift.prune.calibration import CalibratedMethod, ColumnStats, text_windows
 from lfmsift.prune.registry import Plan, PruningMethod, register
 from lfmsift.prune.structured import LayerMask, layer_swaps, masks_plan
 
@@ -113,12 +113,10 @@ class WandaSP(CalibratedMethod, PruningMethod):
         if self.sequential:
             if self.tokenizer is None:
                 raise ValueError("wanda_sp with sequential=True calibrates layer by layer: pass tokenizer=")
-            from lfmsift.eval.data import load_text
-            from lfmsift.eval.perplexity import resolve_bos
-
-            text = load_text(self.calibration, self.data_dir)
-            windows = calibration_windows(self.tokenizer, text, self.calib_samples, self.calib_seqlen)
-            masks = sequential_masks(model, view, windows, resolve_bos(self.tokenizer, None)[1], self.target)
+            windows, bos_id = text_windows(
+                self.tokenizer, self.calibration, self.calib_samples, self.calib_seqlen, self.data_dir
+            )
+            masks = sequential_masks(model, view, windows, bos_id, self.target)
             source, tokens = str(self.calibration), windows.numel()
         else:
             stats = self.calibration_stats(model, view)
