@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
 from lfmsift.models import describe
 from lfmsift.prune.budget import ffn_ratio_for_target, layer_ffn_ratio
@@ -79,6 +79,16 @@ def _one_layer(config):
                                      num_key_value_heads=8), 24.8, 49.5),
         ("Qwen3-8B", Qwen3Config(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
                                  num_key_value_heads=8, head_dim=128), 25.6, 51.1),
+        # MoE: only the activated routed experts count (top_k x one expert; shared expert excluded).
+        ("Qwen1.5-MoE-A2.7B", Qwen2MoeConfig(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+                                             num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                             shared_expert_intermediate_size=5632), 29.7, 59.4),
+        ("Qwen2-57B-A14B", Qwen2MoeConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                                          num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                                          shared_expert_intermediate_size=20480), 22.7, 45.3),
+        ("Qwen3-30B-A3B", Qwen3MoeConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                                         head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                         moe_intermediate_size=768), 30.0, 60.0),
     ],
 )
 def test_target_conversion_reproduces_table8(name, config, at20, at40):

@@ -344,7 +344,8 @@ def describe(model: nn.Module) -> ModelView:
         attn = getattr(layer, "self_attn", None)
         if mlp is None or attn is None:
             raise _unsupported(f"Decoder layer {where} ({type(layer).__name__}, no .mlp / .self_attn)")
-        for part in (mlp, attn):
+        parts = (mlp, attn, getattr(mlp, "experts", None), getattr(mlp, spec.shared_expert or "", None))
+        for part in parts:
             if getattr(part, "lfmsift_replacement", False):
                 raise AlreadyModifiedError(
                     f"Decoder layer {where} already holds an lfmsift {type(part).__name__}: remove() the handle "

@@ -10,6 +10,10 @@ The ratio is given either directly (``ffn_ratio``) or as a model-level parameter
 converted per decoder layer with `budget.layer_ffn_ratio` (the paper's Table 8 rule). ``gamma`` is the
 width of the Candidate band (delta = gamma / 2 around r; DESIGN.md's reading of the paper's partition
 fraction); it only affects ``pop``.
+
+Mixture-of-experts layers get `experts.POPExperts` in place of their fused routed experts (per-expert
+partitions; the target converts with the activated experts only). A shared expert stays dense unless
+``prune_shared_expert=True``, which gives it a `POPFFN` at the same ratio (not counted in the budget).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 
 import torch
 
-from lfmsift.models.adapters import GatedFFN, ModelView
+from lfmsift.models.adapters import MoEFFN, ModelView
 from lfmsift.prune.budget import layer_ffn_ratio
+from lfmsift.prune.experts import POPExperts
 from lfmsift.prune.partition import check_ratio
 from lfmsift.prune.pop import POPFFN, PromptContext
 from lfmsift.prune.registry import Plan, PruneHandle, PruningMethod, Swap, register
@@ -54,6 +59,7 @@ class _OnlinePruning(PruningMethod):
     ffn_ratio: float | None = None
     target: float | None = None
     gamma: float = 0.1
+    prune_shared_expert: bool = False
     mode = "pop"
 
     def __post_init__(self) -> None:
@@ -70,23 +76,27 @@ class _OnlinePruning(PruningMethod):
         context = PromptContext()
         swaps, ratios = [], []
         for layer in view.layers:
-            if not isinstance(layer.ffn, GatedFFN):
-                raise TypeError(
-                    f"{self.name}: decoder layer {layer.index} of this {view.arch.name} model has a "
-                    f"{type(layer.ffn).__name__}, not a dense gated FFN; POP for routed experts is in "
-                    "lfmsift's MoE support"
-                )
             r = self.ffn_ratio if self.ffn_ratio is not None else layer_ffn_ratio(layer, self.target)
             check_ratio(r, self.delta)
             ratios.append(r)
-            pop = POPFFN(layer.ffn, r, self.delta, self.mode, context)
-            swaps.append(Swap(layer.module, layer.ffn_attr, layer.ffn.module, pop, layer.index))
+            ffn = layer.ffn
+            if isinstance(ffn, MoEFFN):  # routed experts in place; router (and shared expert) untouched
+                pop = POPExperts(ffn.experts, ffn.top_k, r, self.delta, self.mode, context)
+                swaps.append(Swap(ffn.module, "experts", ffn.experts.module, pop, layer.index))
+                shared = ffn.shared_expert
+                if self.prune_shared_expert and shared is not None:
+                    attr = view.arch.shared_expert
+                    shared_pop = POPFFN(shared, r, self.delta, self.mode, context)
+                    swaps.append(Swap(ffn.module, attr, shared.module, shared_pop, layer.index))
+            else:
+                pop = POPFFN(ffn, r, self.delta, self.mode, context)
+                swaps.append(Swap(layer.module, layer.ffn_attr, ffn.module, pop, layer.index))
         summary = {
             "mode": self.mode,
             "target": self.target,
             "ffn_ratio": sum(ratios) / len(ratios),
             "gamma": self.gamma if self.mode == "pop" else None,
-            "layers_pruned": len(swaps),
+            "layers_pruned": len({s.layer for s in swaps}),
         }
         return Plan(swaps=swaps, pre_hooks=[(view.language_model, _prompt_hook(context), True)], summary=summary)
 
@@ -117,7 +127,7 @@ class _OnlinePruning(PruningMethod):
 
     def reset_stats(self, handle: PruneHandle) -> None:
         for s in handle.plan.swaps:
-            s.replacement.counters.reset()
+            s.replacement.reset_counters()
 
 
 @register("pop")

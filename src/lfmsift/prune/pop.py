@@ -166,12 +166,14 @@ class POPFFN(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The context's pad mask for the tokens of `x` ((batch, seq, h), or (batch * seq, h) flattened)."""
         mask = self.context.token_mask if self.context is not None else None
-        if mask is None or mask.shape != x.shape[:-1]:
+        if mask is None or mask.numel() != x.shape[:-1].numel():
             return None
-        return mask.to(x.device)
+        return mask.reshape(x.shape[:-1]).to(x.device)
 
-    def _starts_prompt(self, x: torch.Tensor) -> bool:
+    def needs_partition(self, x: torch.Tensor) -> bool:
+        """Whether this forward partitions (a new prompt, or the first use of this FFN in the prompt)."""
         if self.context is not None:
             return self._prompt_id != self.context.prompt_id or self.partition is None
         return x.shape[1] > 1 or self.partition is None
@@ -180,17 +182,20 @@ class POPFFN(nn.Module):
         bias = self._down.bias
         return F.linear(h, rows.t()) if bias is None else F.linear(h, rows.t(), bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._starts_prompt(x):
-            return self._prefill(x)
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` is (batch, seq, hidden) or (tokens, hidden); `token_mask` (its leading dims, 0 = padding)
+        overrides the context's pad mask for the scores of a partitioning forward."""
+        if self.needs_partition(x):
+            return self._prefill(x, token_mask)
         return self._decode(x)
 
-    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] * x.shape[1] == 0:
+    def _prefill(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[:-1].numel() == 0:
             raise ValueError("POP needs a non-empty prompt: the prefill scores channels from its tokens")
         g, u = self._gate, self._up
         h = self.act_fn(g(x)) * u(x)  # all channels: prefill needs every score
-        scores = channel_scores(h, self.col_norms, self._token_mask(x))
+        mask = token_mask if token_mask is not None else self._token_mask(x)
+        scores = channel_scores(h, self.col_norms, mask)
         part = partition(scores, self.ffn_ratio, self.delta)
         self.partition = part
         self._prompt_id = self.context.prompt_id if self.context is not None else None
@@ -212,7 +217,7 @@ class POPFFN(nn.Module):
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
         else:  # the first n_keep rows of the slice are the kept set
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])
-        tokens = x.shape[0] * x.shape[1]
+        tokens = x.shape[:-1].numel()
         c = self.counters
         if c.overlap_acc is None:
             c.overlap_acc = torch.zeros((), dtype=torch.long, device=x.device)
@@ -224,7 +229,7 @@ class POPFFN(nn.Module):
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         s = self.sizes
         c = self.counters
-        tokens = x.shape[0] * x.shape[1]
+        tokens = x.shape[:-1].numel()
         hid = self.hidden_size
         if self.mode == "static":
             h = self._gated(x)  # (.., n_keep)
@@ -290,6 +295,9 @@ class POPFFN(nn.Module):
     def dense_flops_per_token(self) -> int:
         s = self.sizes
         return 2 * self.hidden_size * 3 * s.d_ff + 3 * s.d_ff
+
+    def reset_counters(self) -> None:
+        self.counters.reset()
 
     def stats(self) -> dict:
         s, c = self.sizes, self.counters
