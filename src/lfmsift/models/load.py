@@ -48,17 +48,25 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _smolvlm_smollm2(dtype: torch.dtype):
+def _smolvlm_smollm2(dtype: torch.dtype, data_dir=None):
     from lfmsift.models.vlm import smolvlm_from_text_model
 
     text, tokenizer = load("smollm2-135m", dtype=dtype)
     return smolvlm_from_text_model(text, tokenizer)
 
 
-# Models assembled from named ones (nothing is downloaded): name -> builder(dtype) -> (model, processor).
+def _smollm2_moe(dtype: torch.dtype, data_dir=None):
+    from lfmsift.models.moefy import build_smollm2_moe
+
+    return build_smollm2_moe(dtype, data_dir)
+
+
+# Models assembled from named ones (nothing is downloaded): name -> builder(dtype, data_dir) -> (model, processor).
 BUILT_MODELS = {
     # SmolVLM-256M's architecture with the real SmolLM2-135M-Instruct text model and a seeded vision tower.
     "smolvlm-smollm2-135m": _smolvlm_smollm2,
+    # SmolLM2-135M split into 8 experts of 192 channels (top-4), router fitted on PTB: lfmsift.models.moefy.
+    "smollm2-135m-moe": _smollm2_moe,
 }
 
 
@@ -66,15 +74,17 @@ def load(
     name_or_path: str,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    data_dir=None,
 ):
     """Load a supported model and its tokenizer.
 
     Args:
         name_or_path: a named model (``smollm2-135m``, ``gemma3-270m``), a built one
-            (``smolvlm-smollm2-135m``: see ``lfmsift.models.vlm``), a local Hugging Face directory, or a hub id
-            (needs the hub to be reachable).
+            (``smolvlm-smollm2-135m``: see ``lfmsift.models.vlm``; ``smollm2-135m-moe``: see
+            ``lfmsift.models.moefy``), a local Hugging Face directory, or a hub id (needs the hub to be reachable).
         dtype: weights dtype (a torch dtype or 'float32' / 'bf16' / 'fp16').
         device: where to put the model.
+        data_dir: evaluation data directory for built models that calibrate on text (``smollm2-135m-moe``).
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode. For vision-language models (SmolVLM) the second
@@ -95,7 +105,7 @@ def load(
 
     torch_dtype = parse_dtype(dtype)
     if name_or_path in BUILT_MODELS:
-        model, processor = BUILT_MODELS[name_or_path](torch_dtype)
+        model, processor = BUILT_MODELS[name_or_path](torch_dtype, data_dir)
         return model.to(device).eval(), processor
     source = resolve_path(name_or_path)
     try:
@@ -112,6 +122,11 @@ def load(
         raise ModelLoadError(f"Cannot load {name_or_path!r}: {hint}. Cause: {exc}") from exc
 
     spec = arch_spec(config)  # fail fast, before reading weights
+    if getattr(config, "lfmsift_moefy", None) is not None:  # its router is lfmsift's: see models.moefy
+        from lfmsift.models.moefy import load_moe
+
+        model, tokenizer = load_moe(source, torch_dtype)
+        return model.to(device).eval(), tokenizer
     auto_model = AutoModelForImageTextToText if spec.vlm else AutoModelForCausalLM
     model = auto_model.from_pretrained(source, dtype=torch_dtype)
     model.to(device).eval()
