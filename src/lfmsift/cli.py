@@ -34,11 +34,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(model: str, dtype: str, device: str):
+def _load(model: str, dtype: str, device: str, data_dir=None):
     from lfmsift.models import load
 
-    with console.status(f"Loading {model} (named models are converted from GGUF on first use)..."):
-        model_obj, tokenizer = load(model, dtype=dtype, device=device)
+    with console.status(f"Loading {model} (named models are converted or built on first use)..."):
+        model_obj, tokenizer = load(model, dtype=dtype, device=device, data_dir=data_dir)
     return model_obj, getattr(tokenizer, "tokenizer", tokenizer)
 
 
@@ -429,9 +429,6 @@ def _print_stream_stats(stats: dict) -> None:
     console.print(table)
 
 
-if __name__ == "__main__":
-    app()
-
 
 @app.command("eval")
 def eval_(
@@ -477,7 +474,7 @@ def eval_(
             agree_samples=agree_samples, calibration=calibration, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, gamma=gamma,
         )
-        model_obj, tokenizer = _load(model, dtype, device)
+        model_obj, tokenizer = _load(model, dtype, device, data_dir)
         command = " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
         results = run_comparison(
             model_obj, tokenizer, model, method_list, target_list, task_list, settings, out, data_dir, command
@@ -490,3 +487,72 @@ def eval_(
     png = figures(doc, Path(out).with_suffix(".png"))
     console.print(table)
     console.print(f"Wrote {out}, {Path(out).with_suffix('.md')} and {png} ({len(results.rows)} rows)")
+
+
+@app.command("vlm-fidelity")
+def vlm_fidelity(
+    model: str = typer.Option("smolvlm-smollm2-135m", help="A SmolVLM-architecture model (named, directory or hub id)."),
+    methods: str = typer.Option("pop,static,reselect,wanda_sp,flap", help="Comma-separated pruning methods."),
+    targets: str = typer.Option("0.2,0.4", help="Comma-separated model-level targets."),
+    video: Optional[Path] = typer.Option(None, help="Video file (default: DATA_DIR/video/vtest.avi)."),
+    image: list[Path] = typer.Option([], help="Still image(s); default: matplotlib's grace_hopper.jpg."),
+    clips: int = typer.Option(4, min=0, help="Video clips (one question each)."),
+    frames_per_clip: int = typer.Option(2, min=1, help="Frames per clip."),
+    fps: float = typer.Option(1.0, help="Frame sampling rate of the clips."),
+    new_tokens: int = typer.Option(32, min=1, help="Tokens generated per sample."),
+    data_dir: Optional[Path] = typer.Option(None, help="Data directory (default: $LFMSIFT_DATA)."),
+    out: Path = typer.Option(Path("results/vlm_fidelity.json"), help="Results JSON (resumed if it exists); .md beside it."),
+    calib_samples: int = typer.Option(64, min=1, help="Calibration windows (wanda_sp, flap, probe; text)."),
+    calib_seqlen: int = typer.Option(512, min=8, help="Calibration window length."),
+    calibration: str = typer.Option("ptb", help="Calibration text: a set name or a text file."),
+    gamma: float = typer.Option(0.1, help="POP Candidate band width."),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+) -> None:
+    """Pruned vs dense VLM on real video frames and images: next-token KL, top-1 and greedy agreement.
+
+    Image tokens are part of the prefill that sets POP's partition; batch size 1 (the paper's VLM setting).
+    """
+    import shlex
+    import sys
+
+    from lfmsift.eval.data import data_dirs
+    from lfmsift.eval.harness import EvalSettings, run_fidelity_comparison
+    from lfmsift.eval.report import fidelity_table
+    from lfmsift.eval.vision_samples import sample_image, vision_samples
+    from lfmsift.models import load
+
+    try:
+        method_list = [m.strip() for m in methods.split(",") if m.strip() and m.strip() != "dense"]
+        target_list = [float(t) for t in targets.split(",") if t.strip()]
+        if video is None and clips:
+            found = [d / "video" / "vtest.avi" for d in data_dirs(data_dir) if (d / "video" / "vtest.avi").is_file()]
+            if not found:
+                raise FileNotFoundError("no --video given and no video/vtest.avi in --data-dir / $LFMSIFT_DATA")
+            video = found[0]
+        images = tuple(image) or (sample_image(),)
+        with console.status(f"Loading {model}..."):
+            model_obj, processor = load(model, dtype=dtype, device=device, data_dir=data_dir)
+        if not hasattr(processor, "image_processor"):
+            raise ValueError(f"{model} is not a vision-language model (its loader returned no image processor)")
+        samples = vision_samples(processor, video if clips else None, images, clips, frames_per_clip, fps)
+        settings = EvalSettings(calibration=calibration, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                                gamma=gamma)
+        command = " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
+        results = run_fidelity_comparison(
+            model_obj, [s.inputs for s in samples], model, method_list, target_list, new_tokens, settings, out,
+            tokenizer=getattr(processor, "tokenizer", processor), data_dir=data_dir, command=command,
+            sample_names=[f"{s.name}: {s.question}" for s in samples],
+        )
+    except Exception as exc:
+        _fail(exc)
+    doc = json.loads(Path(out).read_text())
+    table = fidelity_table(doc)
+    Path(out).with_suffix(".md").write_text(f"# {model}: fidelity to the dense model\n\n`{doc['header']['command']}`\n\n{table}")
+    console.print(table)
+    console.print(f"Wrote {out} and {Path(out).with_suffix('.md')} ({len(results.rows)} rows)")
+
+
+if __name__ == "__main__":
+    app()
+

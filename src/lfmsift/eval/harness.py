@@ -29,7 +29,7 @@ from lfmsift.eval.data import load_questions, load_text
 from lfmsift.eval.decode_ppl import decode_perplexity
 from lfmsift.eval.multiple_choice import multiple_choice
 from lfmsift.eval.perplexity import perplexity
-from lfmsift.prune import METHODS, apply
+from lfmsift.prune import METHODS, apply, pruned
 from lfmsift.prune.calibration import collect
 
 logger = logging.getLogger(__name__)
@@ -266,3 +266,54 @@ def headline(row: dict) -> float:
 
 
 __all__ = ["EvalSettings", "ResultsFile", "TASKS", "check_names", "headline", "run_comparison"]
+
+
+def run_fidelity_comparison(
+    model,
+    samples: list[dict],
+    model_name: str,
+    methods: list[str],
+    targets: list[float],
+    new_tokens: int,
+    settings: EvalSettings | None = None,
+    out_path: str | os.PathLike = "results/fidelity.json",
+    tokenizer=None,
+    data_dir=None,
+    command: str | None = None,
+    sample_names: list[str] | None = None,
+) -> ResultsFile:
+    """Fidelity (`fidelity.measure`) of every method at every target against the dense model.
+
+    Same resumable JSON as `run_comparison` (task ``fidelity``); the dense reference is recomputed on each
+    call (its log-probabilities are not stored), and its greedy tokens go in the file's ``reference``.
+    Calibrated baselines calibrate on text (`settings.calibration`) through the language decoder.
+    """
+    from lfmsift.eval import fidelity
+
+    settings = settings or EvalSettings()
+    check_names(methods, [])
+    header = {"model": model_name, "settings": asdict(settings), "new_tokens": new_tokens,
+              "samples": sample_names or len(samples), "data_dir": str(data_dir) if data_dir else None}
+    results = ResultsFile(out_path, header)
+    results.header = {**header, "command": command}
+    model.eval()
+    runs = [(m, t) for m in methods if m != "dense" for t in targets]
+    if all(results.has(m, t, "fidelity") for m, t in runs):
+        return results
+    ref = fidelity.reference(model, samples, new_tokens)
+    results.reference = [t.tolist() for t in ref.tokens]
+    results.save()
+    for method, target in runs:
+        if results.has(method, target, "fidelity"):
+            continue
+        start = time.perf_counter()
+        with pruned(model, method, **method_settings(method, target, settings, tokenizer, None, data_dir)) as h:
+            metrics = fidelity.measure(model, samples, ref).to_dict()
+            stats = h.stats()
+            info = _summary(stats)
+            if "total" in stats:
+                info["decode_flops_vs_dense"] = stats["total"]["decode_flops_vs_dense"]
+        row = dict(method=method, target=target, task="fidelity", metrics=metrics, method_info=info)
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        results.add(row)
+    return results

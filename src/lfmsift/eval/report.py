@@ -138,3 +138,31 @@ def _metric(cells, method, target, task, key):
 
 def _pct(v):
     return None if v is None else 100 * v
+
+
+def fidelity_table(doc: dict) -> str:
+    """A fidelity comparison (`harness.run_fidelity_comparison` JSON) as a markdown table.
+
+    KL(dense || pruned) in nats per next token (all positions, the prefill's prediction, the decode
+    steps'), top-1 agreement of teacher-forced predictions, and agreement of the greedy continuations.
+    """
+    head = ["method", "target", "weights removed", "KL", "KL prefill", "KL decode", "top-1 %", "gen F1 %",
+            "gen EM %", "prefix %", "decode FLOPs vs dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = sorted(doc["rows"], key=lambda r: (float(r["target"]), r["method"]))
+    for r in rows:
+        m, info = r["metrics"], r.get("method_info", {})
+        if "achieved_reduction" in info:
+            removed = f"{100 * info['achieved_reduction']:.1f}%"
+        elif "ffn_ratio" in info:
+            removed = f"FFN {100 * info['ffn_ratio']:.1f}%"
+        else:
+            removed = "–"
+        flops = info.get("decode_flops_vs_dense")
+        kl_decode = m["kl_decode"]
+        lines.append("| " + " | ".join([
+            r["method"], f"{100 * float(r['target']):.0f}%", removed, f"{m['kl']:.3f}", f"{m['kl_first']:.3f}",
+            "–" if kl_decode is None else f"{kl_decode:.3f}", f"{100 * m['top1']:.1f}", f"{100 * m['token_f1']:.1f}",
+            f"{100 * m['exact_match']:.0f}", f"{100 * m['prefix']:.1f}", "–" if flops is None else f"{flops:.3f}",
+        ]) + " |")
+    return "\n".join(lines) + "\n"

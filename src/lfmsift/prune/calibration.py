@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lfmsift.models.adapters import ModelView, describe
+from lfmsift.models.adapters import ModelView, MoEFFN, describe
 from lfmsift.eval.data import load_text
 from lfmsift.eval.perplexity import make_windows, resolve_bos, tokenize_text
+from lfmsift.prune.experts import routed
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ class ColumnStats:
             n = x.shape[0] * x.shape[1]
         flat = x.reshape(-1, x.shape[-1])
         s, sq = flat.sum(0), flat.square().sum(0)
-        self.total = s if self.total is None else self.total + s
-        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.total = s if self.total is None else self.total.to(s.device) + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq.to(sq.device) + sq
         self.count += n
         if self.track_positions:
             pos_sq = x.square().sum(0)  # (tokens, columns)
@@ -65,11 +66,11 @@ class ColumnStats:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.total / self.count
+        return self.total / max(self.count, 1)
 
     @property
     def mean_sq(self) -> torch.Tensor:
-        return self.total_sq / self.count
+        return self.total_sq / max(self.count, 1)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -81,6 +82,39 @@ class ColumnStats:
         return self.position_sq / self.position_count.clamp_min(1).unsqueeze(-1)
 
 
+def ffn_column_stats(layer, positions: bool = False) -> ColumnStats | list[ColumnStats]:
+    """Empty statistics for the down-projection inputs of `layer`'s FFN (one per routed expert for MoE)."""
+    if isinstance(layer.ffn, MoEFFN):  # zeros, so an expert no calibration token reached has statistics too
+        n = layer.ffn.experts.intermediate_size
+        zeros = lambda: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        return [ColumnStats(total=zeros(), total_sq=zeros()) for _ in range(layer.ffn.experts.num_experts)]
+    return ColumnStats(track_positions=positions)
+
+
+def ffn_input_hooks(layer, stats: ColumnStats | list[ColumnStats]) -> list:
+    """Forward hooks adding the down-projection inputs of `layer`'s FFN to `stats`; returns the handles.
+
+    Dense FFN: the inputs of ``down_proj``. MoE: the fused experts have no per-expert module to hook, so a
+    hook on the experts recomputes ``act(gate) * up`` of each expert for the tokens routed to it.
+    """
+    ffn = layer.ffn
+    if not isinstance(ffn, MoEFFN):
+        return [ffn.down_proj.register_forward_hook(lambda m, i, o: stats.add(i[0], None))]
+    experts = ffn.experts
+    inter = experts.intermediate_size
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        for e, _, tok in routed(index, experts.num_experts):
+            w = experts.gate_up_proj[e]
+            x = hidden[tok]
+            h = experts.act_fn(x @ w[:inter].T) * (x @ w[inter:].T)
+            stats[e].add(h.unsqueeze(0), None)
+
+    return [experts.module.register_forward_hook(hook, with_kwargs=True)]
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:
         return t
@@ -90,10 +124,14 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 @dataclass
 class CalibrationStats:
-    """Per decoder layer: statistics of the ``o_proj`` inputs and of the ``down_proj`` inputs."""
+    """Per decoder layer: statistics of the ``o_proj`` inputs and of the ``down_proj`` inputs.
+
+    For a mixture-of-experts layer ``ffn[i]`` is a list with one `ColumnStats` per routed expert, built
+    from the tokens the router sent to that expert (see `ffn_input_hooks`).
+    """
 
     attention: list[ColumnStats] = field(default_factory=list)
-    ffn: list[ColumnStats] = field(default_factory=list)
+    ffn: list[ColumnStats | list[ColumnStats]] = field(default_factory=list)
     samples: int = 0
     seqlen: int = 0
     source: str = ""
@@ -154,7 +192,7 @@ def collect_windows(
     view = view or describe(model)
     stats = CalibrationStats(
         attention=[ColumnStats(track_positions=positions) for _ in view.layers],
-        ffn=[ColumnStats(track_positions=positions) for _ in view.layers],
+        ffn=[ffn_column_stats(layer, positions) for layer in view.layers],
         samples=windows.shape[0],
         seqlen=windows.shape[1],
         source="token windows",
@@ -162,7 +200,7 @@ def collect_windows(
     handles = []
     for layer, a_stats, f_stats in zip(view.layers, stats.attention, stats.ffn):
         handles.append(layer.attention.o_proj.register_forward_hook(lambda m, i, o, s=a_stats: s.add(i[0], None)))
-        handles.append(layer.ffn.down_proj.register_forward_hook(lambda m, i, o, s=f_stats: s.add(i[0], None)))
+        handles.extend(ffn_input_hooks(layer, f_stats))
     device = next(model.parameters()).device
     batches = range(0, windows.shape[0], batch_size)
     if progress:

@@ -48,6 +48,17 @@ class ExpertProjection:
         return F.linear(x, self.weight)
 
 
+def routed(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, top-k slot, token) of every expert that some token was routed to, as in transformers'
+    expert loops: ``pos[j], tok[j]`` say that token ``tok[j]`` chose the expert in its slot ``pos[j]``.
+    Indices >= `num_experts` (expert-parallel padding) are skipped."""
+    with torch.no_grad():
+        hot = F.one_hot(top_k_index.clamp(max=num_experts), num_experts + 1)[..., :-1]
+        hot = hot.permute(2, 1, 0)  # (E, top_k, tokens)
+        hit = hot.sum(dim=(1, 2)).nonzero().flatten().tolist()
+    return [(e, *torch.where(hot[e])) for e in hit]
+
+
 def expert_ffn(experts: FusedExperts, e: int) -> GatedFFN:
     """Expert `e` of fused experts as a `GatedFFN` view (no copy: its projections are views)."""
     inter = experts.intermediate_size
@@ -138,12 +149,7 @@ class POPExperts(nn.Module):
         c = self.counters
         mask = self._flat_token_mask(tokens, hidden_states.device) if prefill else None
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            routed = F.one_hot(top_k_index.clamp(max=self.num_experts), self.num_experts + 1)[..., :-1]
-            routed = routed.permute(2, 1, 0)  # (E, top_k, tokens)
-            hit = routed.sum(dim=(1, 2)).nonzero().flatten().tolist()
-        for e in hit:
-            pos, tok = torch.where(routed[e])
+        for e, pos, tok in routed(top_k_index, self.num_experts):
             x = hidden_states[tok]
             expert = self.experts[e]
             if prefill and mask is not None and not bool(mask[tok].any()):

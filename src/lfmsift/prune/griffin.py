@@ -99,7 +99,8 @@ class Griffin(PruningMethod):
         swaps, ratios = [], []
         for layer in view.layers:
             if not isinstance(layer.ffn, GatedFFN):
-                raise TypeError(f"griffin: decoder layer {layer.index} has no dense gated FFN")
+                raise TypeError(f"griffin: decoder layer {layer.index} has routed experts; GRIFFIN prunes dense gated "
+                                "FFNs (for MoE use pop, static, reselect, wanda_sp or flap)")
             r = self.ffn_ratio if self.ffn_ratio is not None else layer_ffn_ratio(layer, self.target)
             ratios.append(r)
             swaps.append(Swap(layer.module, layer.ffn_attr, layer.ffn.module, GriffinFFN(layer.ffn, r, context), layer.index))

@@ -282,6 +282,10 @@ class ProbePruning(CalibratedMethod, PruningMethod):
     channel_multiple: int = 1
 
     def plan(self, model, view: ModelView) -> Plan:
+        moe = [layer.index for layer in view.layers if not isinstance(layer.ffn, GatedFFN)]
+        if moe:
+            raise TypeError(f"probe: decoder layer {moe[0]} has routed experts; Probe Pruning prunes dense gated "
+                            "FFNs (for MoE use pop, static, reselect, wanda_sp or flap)")
         stats = self.calibration_stats(model, view, positions=True)
         n = len(view.layers)
         skipped = [i for i in self.skip_layers if i < n]
@@ -293,8 +297,6 @@ class ProbePruning(CalibratedMethod, PruningMethod):
         for layer in view.layers:
             if layer.index in skipped:
                 continue
-            if not isinstance(layer.ffn, GatedFFN):
-                raise TypeError(f"probe: decoder layer {layer.index} has no dense gated FFN")
             i = layer.index
             attn = ProbeAttention(layer.attention, i, context, stats.attention[i], ratio, self)
             ffn = ProbeFFN(layer.ffn, i, context, stats.ffn[i], ratio, self)

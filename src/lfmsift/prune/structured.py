@@ -22,11 +22,13 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lfmsift.models.adapters import AttentionView, DecoderLayerView, GatedFFN, ModelView
+from lfmsift.models.adapters import AttentionView, DecoderLayerView, FusedExperts, GatedFFN, ModelView, MoEFFN
+from lfmsift.prune.experts import routed
 from lfmsift.prune.registry import Plan, Swap
 
 ATTENTION_NAME = "lfmsift_heads"
@@ -47,6 +49,8 @@ class LayerMask:
     channels: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    experts: list[torch.Tensor] | None = None  # MoE: kept channels of each routed expert
+    expert_bias: list[torch.Tensor | None] | None = None  # MoE: bias added to each expert's down output
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +141,47 @@ class SlicedFFN(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SlicedExperts(nn.Module):
+    """Routed experts with only some intermediate channels each (counts may differ between experts).
+
+    Same call as the fused experts of transformers 5.x, ``experts(x, top_k_index, top_k_weights)``, and the
+    same loop over the experts the router picked; expert e multiplies only its kept channels and adds its
+    optional bias (FLAP's compensation) before the routing weight, as the expert's own output.
+    """
+
+    lfmsift_replacement = True
+
+    def __init__(self, experts: FusedExperts, channels: list[torch.Tensor], biases: list | None = None):
+        super().__init__()
+        if len(channels) != experts.num_experts:
+            raise ValueError(f"{len(channels)} channel sets for {experts.num_experts} experts")
+        inter = experts.intermediate_size
+        w, d = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        gate_up, down, bias = [], [], []
+        for e, c in enumerate(channels):
+            if c.numel() == 0:
+                raise ValueError(f"expert {e}: at least one channel must be kept")
+            c = c.long().to(w.device)
+            gate_up.append(torch.cat([w[e, :inter].index_select(0, c), w[e, inter:].index_select(0, c)]))
+            down.append(d[e].index_select(1, c).contiguous())
+            b = None if biases is None else biases[e]
+            bias.append(None if b is None else b.to(device=w.device, dtype=w.dtype))
+        self.gate_up = gate_up
+        self.down = down
+        self.bias = bias
+        self.num_experts = experts.num_experts
+        self.act_fn = experts.act_fn
+        self.channels = [c.long().cpu() for c in channels]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for e, pos, tok in routed(top_k_index, self.num_experts):
+            gate, up = F.linear(hidden_states[tok], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down[e], self.bias[e])
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+
 def pruned_attention(attn: AttentionView, heads: torch.Tensor, o_bias: torch.Tensor | None = None) -> nn.Module:
     """A clone of `attn.module` that computes only the query heads `heads` (sorted indices).
 
@@ -201,6 +246,13 @@ def layer_swaps(layer: DecoderLayerView, mask: LayerMask) -> list[Swap]:
         attr = _attr_name(layer.module, a.module)
         swaps.append(Swap(layer.module, attr, a.module, pruned_attention(a, mask.heads, mask.o_bias), layer.index))
     ffn = layer.ffn
+    if mask.experts is not None:
+        if not isinstance(ffn, MoEFFN):
+            raise TypeError(f"layer {layer.index}: expert masks need a routed-experts FFN, not {type(ffn).__name__}")
+        full = all(c.numel() == ffn.experts.intermediate_size for c in mask.experts)
+        if not full or (mask.expert_bias is not None and any(b is not None for b in mask.expert_bias)):
+            sliced = SlicedExperts(ffn.experts, mask.experts, mask.expert_bias)
+            swaps.append(Swap(ffn.module, "experts", ffn.experts.module, sliced, layer.index))
     if mask.channels is not None:
         if not isinstance(ffn, GatedFFN):
             raise TypeError(f"layer {layer.index}: channel masks need a dense gated FFN, not {type(ffn).__name__}")
@@ -231,7 +283,11 @@ def masks_plan(view: ModelView, masks: list[LayerMask], summary: dict | None = N
 
 
 def reduction_summary(view: ModelView, masks: list[LayerMask]) -> dict:
-    """Heads, channels and attention + FFN weights kept, against the dense model."""
+    """Heads, channels and attention + FFN weights kept, against the dense model.
+
+    MoE layers count their activated weights (top_k experts, of the average kept size), the same measure
+    as the budget of the online methods (`budget.ffn_weight_count`).
+    """
     dense = kept = 0
     heads = heads_kept = channels = channels_kept = 0
     for layer, m in zip(view.layers, masks):
@@ -241,13 +297,21 @@ def reduction_summary(view: ModelView, masks: list[LayerMask]) -> dict:
         nkv = kv_layout(m.heads.cpu(), a.num_heads, a.num_kv_heads)[0].numel() if m.heads is not None else a.num_kv_heads
         attn_dense = 2 * hidden * d * (a.num_heads + a.num_kv_heads)
         attn_kept = 2 * hidden * d * (nh + nkv)
-        nc = m.channels.numel() if m.channels is not None else f.intermediate_size
-        dense += attn_dense + 3 * hidden * f.intermediate_size
-        kept += attn_kept + 3 * hidden * nc
+        if isinstance(f, MoEFFN):  # activated weights: top_k experts of the average kept size
+            e = f.experts
+            n_e = [c.numel() for c in m.experts] if m.experts is not None else [e.intermediate_size] * e.num_experts
+            dense += attn_dense + f.top_k * 3 * hidden * e.intermediate_size
+            kept += attn_kept + f.top_k * 3 * hidden * sum(n_e) / len(n_e)
+            channels += e.intermediate_size * e.num_experts
+            channels_kept += sum(n_e)
+        else:
+            nc = m.channels.numel() if m.channels is not None else f.intermediate_size
+            dense += attn_dense + 3 * hidden * f.intermediate_size
+            kept += attn_kept + 3 * hidden * nc
+            channels += f.intermediate_size
+            channels_kept += nc
         heads += a.num_heads
         heads_kept += nh
-        channels += f.intermediate_size
-        channels_kept += nc
     return {
         "heads_kept": heads_kept,
         "heads": heads,

@@ -11,7 +11,9 @@ of the layers before it *after* they were pruned; with ``sequential=False`` all 
 dense pass (shared with the other calibrated methods, cheaper). The default is the repo's.
 
 Differences from the reference: calibration on PTB (`calibration`), not C4; with grouped-query attention a
-key/value head goes only with all of its query heads (see `structured`).
+key/value head goes only with all of its query heads (see `structured`). Mixture-of-experts layers (the
+POP paper runs Wanda-sp on MoE models without saying how): every routed expert loses the same ratio of its
+channels, scored on the calibration tokens the router sent to it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lfmsift.models.adapters import DecoderLayerView, ModelView
-from lfmsift.prune.calibration import CalibratedMethod, ColumnStats, text_windows
+from lfmsift.models.adapters import DecoderLayerView, ModelView, MoEFFN
+from lfmsift.prune.calibration import CalibratedMethod, ColumnStats, ffn_column_stats, ffn_input_hooks, text_windows
 from lfmsift.prune.registry import Plan, PruningMethod, register
 from lfmsift.prune.structured import LayerMask, layer_swaps, masks_plan
 
@@ -37,15 +39,23 @@ def keep_top(scores: torch.Tensor, remove: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, keep).indices).values
 
 
-def layer_mask(layer: DecoderLayerView, attn_stats: ColumnStats, ffn_stats: ColumnStats, ratio: float) -> LayerMask:
-    """Wanda-sp's mask of one layer: the int(ratio * n) lowest heads and channels go."""
+def layer_mask(layer: DecoderLayerView, attn_stats: ColumnStats, ffn_stats, ratio: float) -> LayerMask:
+    """Wanda-sp's mask of one layer: the int(ratio * n) lowest heads and channels go.
+
+    MoE layers: each routed expert loses its int(ratio * I) lowest channels, scored on the calibration
+    tokens routed to it (`ffn_stats` has one `ColumnStats` per expert); router and shared expert untouched.
+    """
     a = layer.attention
     head_scores = wanda_column_scores(a.o_proj.weight, attn_stats.total_sq).reshape(-1, a.head_dim).sum(1)
-    ffn_scores = wanda_column_scores(layer.ffn.down_proj.weight, ffn_stats.total_sq)
-    return LayerMask(
-        heads=keep_top(head_scores, int(ratio * a.num_heads)),
-        channels=keep_top(ffn_scores, int(ratio * ffn_scores.numel())),
-    )
+    mask = LayerMask(heads=keep_top(head_scores, int(ratio * a.num_heads)))
+    if isinstance(layer.ffn, MoEFFN):
+        down = layer.ffn.experts.down_proj
+        remove = int(ratio * layer.ffn.experts.intermediate_size)
+        mask.experts = [keep_top(wanda_column_scores(down[e], s.total_sq), remove) for e, s in enumerate(ffn_stats)]
+    else:
+        ffn_scores = wanda_column_scores(layer.ffn.down_proj.weight, ffn_stats.total_sq)
+        mask.channels = keep_top(ffn_scores, int(ratio * ffn_scores.numel()))
+    return mask
 
 
 @torch.no_grad()
@@ -78,11 +88,9 @@ def sequential_masks(model, view: ModelView, windows: torch.Tensor, bos_id: int 
     masks = []
     for layer in view.layers:
         kwargs = captured[layer.index][1]
-        a_stats, f_stats = ColumnStats(), ColumnStats()
-        hooks = [
-            layer.attention.o_proj.register_forward_hook(lambda m, i, o: a_stats.add(i[0], None)),
-            layer.ffn.down_proj.register_forward_hook(lambda m, i, o: f_stats.add(i[0], None)),
-        ]
+        a_stats, f_stats = ColumnStats(), ffn_column_stats(layer)
+        hooks = [layer.attention.o_proj.register_forward_hook(lambda m, i, o: a_stats.add(i[0], None))]
+        hooks += ffn_input_hooks(layer, f_stats)
         try:
             layer.module(hidden, **kwargs)
         finally:
