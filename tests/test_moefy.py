@@ -96,13 +96,15 @@ def test_all_experts_equal_the_dense_model(built):
         set_top_k(moe, 2)
     assert not torch.allclose(moe(ids).logits, dense(ids).logits, atol=1e-3)  # top-2 of 4 is a real MoE
     view = describe(moe)
-    assert view.arch.name == "mixtral" and view.layers[0].ffn.top_k == 2
-    assert view.layers[0].ffn.experts.intermediate_size == 32
-    # every dense channel is in exactly one expert
+    ffn = view.layers[0].ffn
+    assert view.arch.name == "qwen2_moe" and ffn.top_k == 2 and ffn.shared_expert is not None
+    assert ffn.experts.intermediate_size == 24 and ffn.shared_expert.intermediate_size == 32  # 128 = 32 + 4 x 24
+    # every dense channel is in exactly one expert (shared or routed)
     d = describe(dense).layers[0].ffn.gate_proj.weight
-    rows = view.layers[0].ffn.experts.gate_up_proj[:, :32].reshape(-1, d.shape[1])
+    rows = torch.cat([ffn.experts.gate_up_proj[:, :24].reshape(-1, d.shape[1]), ffn.shared_expert.gate_proj.weight])
     assert sorted(torch.cdist(rows, d).argmin(1).tolist()) == list(range(128))
     assert 0 <= record["router_topk_recall_mean"] <= 1 and len(record["layers"]) == 2
+    assert record["active_channel_fraction"] == (32 + 2 * 24) / 128
 
 
 def test_save_and_load_roundtrip(built, smollm2, tmp_path):
@@ -138,3 +140,5 @@ def test_moefy_rejects_other_architectures():
         moefy(tiny_model("qwen3"), torch.randint(3, 250, (2, 8)))
     with pytest.raises(ValueError, match="top_k"):
         MoefySettings(num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="shared_fraction"):
+        MoefySettings(shared_fraction=0.0)

@@ -65,7 +65,8 @@ def _smollm2_moe(dtype: torch.dtype, data_dir=None):
 BUILT_MODELS = {
     # SmolVLM-256M's architecture with the real SmolLM2-135M-Instruct text model and a seeded vision tower.
     "smolvlm-smollm2-135m": _smolvlm_smollm2,
-    # SmolLM2-135M split into 8 experts of 192 channels (top-4), router fitted on PTB: lfmsift.models.moefy.
+    # SmolLM2-135M as a Qwen2-MoE: shared expert of 384 channels + 16 routed experts of 72 (top-10), router
+    # fitted on PTB: lfmsift.models.moefy.
     "smollm2-135m-moe": _smollm2_moe,
 }
 

@@ -1,27 +1,30 @@
-"""A real-weight mixture-of-experts model built from a dense one (MoEfication).
+"""A real-weight mixture-of-experts model built from a dense one (MoEfication with a shared expert).
 
 No pretrained MoE is reachable here, so ``moefy`` turns a dense Llama-architecture model (SmolLM2-135M) into
-a Mixtral-layout MoE with the same weights, following MoEfication (Zhang et al., 2022):
+an MoE with the same weights in the layout of Qwen1.5-MoE / Qwen2-MoE (the first MoE model of the POP
+paper): a dense shared expert plus E routed experts, following MoEfication (Zhang et al., 2022):
 
-1. **Experts by co-activation.** One dense pass over calibration text records each layer's FFN input. A
-   channel is *active* on a token when its |act(gate) * up| is among the token's top `active_fraction` of
-   channels (default top_k / E, the share of channels the sparse model will use). Channels whose activation
+1. **Shared expert.** The ``shared_fraction`` of each FFN's channels with the highest importance on the
+   calibration text, ``||H[:, i]||_2 * ||W_down[:, i]||_2`` (POP's own score), form an always-on shared
+   expert: these are the channels every token needs (the massive-activation ones among them).
+2. **Routed experts by co-activation.** On the other channels, a channel is *active* on a token when its
+   |act(gate) * up| is among the token's top `active_fraction` (default 10%). Channels whose activation
    patterns overlap (cosine of the binary patterns: within-cluster co-activation counts) are grouped by a
-   balanced spherical k-means into E experts of exactly d_ff / E channels each.
-2. **Expert weights.** Expert e holds the gate/up rows and down columns of its channels, in the fused layout
-   of transformers 5.x (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)).
+   balanced spherical k-means into E experts of equal size, stored in the fused layout of transformers 5.x
+   (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)).
 3. **Router.** A linear router (weights and a bias) fitted by ridge regression from the FFN input to each
-   expert's share of the FFN output norm, ``||down_e(h_e)|| / sum_e' ||down_e'(h_e')||``, on 90% of the
-   calibration tokens; the rest measure its recall of the true top-k experts.
-4. **Exactness.** The selected experts' outputs are *summed* with weight 1 (`MoEficationRouter`): with all
-   E experts active the MoE computes exactly the dense FFN (the down projection split into E column
-   blocks), so no output scaling is needed. A softmax router cannot do this (its weights vary with the
+   routed expert's share of the routed output norm, ``||down_e(h_e)|| / sum_e' ||down_e'(h_e')||``, on 90% of
+   the calibration tokens; the rest measure its recall of the true top-k experts.
+4. **Exactness.** The selected experts' outputs are *summed* with weight 1 (`MoEficationRouter`), and the
+   shared expert's sigmoid gate has zero weights (sigmoid(0) = 1/2 exactly) with its down projection
+   doubled (exact in floating point). With all E experts active the MoE computes exactly the dense FFN (its
+   down projection split into column blocks). A softmax router cannot do this (its weights vary with the
    token and would need a per-token 1/p rescale), which is why the router is lfmsift's own module; the
-   experts, attention and everything else are the stock ``MixtralForCausalLM``.
+   experts, the shared expert, attention and everything else are the stock ``Qwen2MoeForCausalLM``.
 
 The built model saves as a plain HF directory (``save_moe``) whose ``config.json`` carries
 ``lfmsift_moefy`` so ``lfmsift.load`` restores the router (plain ``from_pretrained`` would silently put a
-softmax router in its place). ``set_top_k`` changes the number of active experts.
+softmax router in its place). ``set_top_k`` changes the number of active routed experts.
 """
 
 from __future__ import annotations
@@ -162,9 +165,10 @@ class MoEficationRouter(nn.Module):
 class MoefySettings:
     """How ``moefy`` builds the MoE (see the module docstring)."""
 
-    num_experts: int = 8
-    top_k: int = 4
-    active_fraction: float | None = None  # None: top_k / num_experts
+    num_experts: int = 16
+    top_k: int = 10
+    shared_fraction: float = 0.25
+    active_fraction: float = 0.1
     kmeans_iters: int = 30
     ridge: float = 1e-3
     holdout: float = 0.1
@@ -176,41 +180,57 @@ class MoefySettings:
     def __post_init__(self) -> None:
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"Need 1 <= top_k <= num_experts; got top_k={self.top_k}, E={self.num_experts}")
+        if not 0.0 < self.shared_fraction < 1.0:
+            raise ValueError(f"shared_fraction must be in (0, 1); got {self.shared_fraction}")
 
 
 def _check_source(model) -> None:
     cfg = model.config
     if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         raise ValueError(
-            f"moefy builds a Mixtral-layout MoE from a Llama-architecture model without biases (e.g. "
+            f"moefy builds a Qwen2-MoE-layout model from a Llama-architecture model without biases (e.g. "
             f"SmolLM2); got model_type={cfg.model_type!r}"
         )
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        raise ValueError(f"moefy needs head_dim = hidden / heads (Qwen2-MoE's layout); got {head_dim}")
 
 
-def moe_config(dense_config, num_experts: int, top_k: int, record: dict | None = None):
-    """The MixtralConfig with the dense Llama config's attention, norms and embeddings and E experts."""
-    from transformers import MixtralConfig
+def split_sizes(d_ff: int, num_experts: int, shared_fraction: float) -> tuple[int, int]:
+    """(shared expert channels, channels per routed expert): the routed part divides into E equal experts."""
+    per_expert = int(round((1 - shared_fraction) * d_ff)) // num_experts
+    if per_expert < 1:
+        raise ValueError(f"d_ff = {d_ff} leaves no channels for {num_experts} routed experts")
+    return d_ff - per_expert * num_experts, per_expert
+
+
+def moe_config(dense_config, settings: MoefySettings, record: dict | None = None):
+    """The Qwen2MoeConfig with the dense Llama config's attention, norms and embeddings, a shared expert
+    and E routed experts."""
+    from transformers import Qwen2MoeConfig
 
     c = dense_config
-    if c.intermediate_size % num_experts:
-        raise ValueError(f"d_ff = {c.intermediate_size} does not split into {num_experts} equal experts")
-    config = MixtralConfig(
+    shared, per_expert = split_sizes(c.intermediate_size, settings.num_experts, settings.shared_fraction)
+    config = Qwen2MoeConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size // num_experts,
+        intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
-        head_dim=getattr(c, "head_dim", None),
         hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
         rope_parameters=dict(c.rope_parameters),
         tie_word_embeddings=c.tie_word_embeddings,
-        sliding_window=None,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        router_jitter_noise=0.0,
+        use_sliding_window=False,
+        qkv_bias=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=per_expert,
+        shared_expert_intermediate_size=shared,
+        num_experts=settings.num_experts,
+        num_experts_per_tok=settings.top_k,
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         pad_token_id=getattr(c, "pad_token_id", None),
@@ -220,7 +240,7 @@ def moe_config(dense_config, num_experts: int, top_k: int, record: dict | None =
 
 
 def install_routers(model, weights: list[torch.Tensor], biases: list[torch.Tensor], top_k: int) -> None:
-    """Put a `MoEficationRouter` in every MoE block of `model` (Mixtral layout)."""
+    """Put a `MoEficationRouter` in every MoE block of `model`."""
     layers = describe(model).language_model.layers
     for layer, w, b in zip(layers, weights, biases, strict=True):
         layer.mlp.gate = MoEficationRouter(w, b, top_k)
@@ -269,7 +289,7 @@ def moefy(model, windows: torch.Tensor, settings: MoefySettings | None = None, b
     """
     s = settings or MoefySettings()
     _check_source(model)
-    frac = s.active_fraction if s.active_fraction is not None else s.top_k / s.num_experts
+    n_shared, per_expert = split_sizes(model.config.intermediate_size, s.num_experts, s.shared_fraction)
     view = describe(model)
     xs = _ffn_inputs(model, windows, bos_id)
     state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
@@ -278,9 +298,13 @@ def moefy(model, windows: torch.Tensor, settings: MoefySettings | None = None, b
         ffn = layer.ffn
         wg, wu, wd = ffn.gate_proj.weight.float(), ffn.up_proj.weight.float(), ffn.down_proj.weight.float()
         h = ffn.act_fn(x @ wg.T) * (x @ wu.T)
-        active = activation_patterns(h, frac)
+        importance = h.norm(dim=0) * wd.norm(dim=0)
+        order = torch.argsort(importance, descending=True, stable=True)
+        shared = torch.sort(order[:n_shared]).values
+        rest = torch.sort(order[n_shared:]).values
+        active = activation_patterns(h[:, rest], s.active_fraction)
         labels = balanced_kmeans(active.T.float(), s.num_experts, s.kmeans_iters, s.seed + i)
-        channels = torch.stack([torch.nonzero(labels == e).flatten() for e in range(s.num_experts)])
+        channels = torch.stack([rest[labels == e] for e in range(s.num_experts)])
         norms = expert_output_norms(h, wd, channels)
         shares = norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
         n_fit = max(1, int(round((1 - s.holdout) * x.shape[0])))
@@ -288,37 +312,43 @@ def moefy(model, windows: torch.Tensor, settings: MoefySettings | None = None, b
         held = slice(n_fit, None) if n_fit < x.shape[0] else slice(None)
         recall = topk_recall(x[held] @ w.T + b, shares[held], s.top_k)
         co = active.float()
-        within = sum(float(co[:, c].sum(1).square().sum()) for c in channels)
+        within = sum(float(co[:, labels == e].sum(1).square().sum()) for e in range(s.num_experts))
         per_layer.append({"layer": i, "router_topk_recall": recall,
-                          "within_expert_coactivation": within / float(co.sum(1).square().sum())})
+                          "within_expert_coactivation": within / float(co.sum(1).square().sum()),
+                          "shared_importance_share": float(importance[shared].sum() / importance.sum())})
         dtype = ffn.gate_proj.weight.dtype
         prefix = f"model.layers.{i}.mlp."
         state[prefix + "experts.gate_up_proj"] = torch.stack(
             [torch.cat([wg[c], wu[c]]) for c in channels]).to(dtype)
         state[prefix + "experts.down_proj"] = torch.stack([wd[:, c] for c in channels]).to(dtype)
+        state[prefix + "shared_expert.gate_proj.weight"] = wg[shared].to(dtype)
+        state[prefix + "shared_expert.up_proj.weight"] = wu[shared].to(dtype)
+        state[prefix + "shared_expert.down_proj.weight"] = (2 * wd[:, shared]).to(dtype)  # x sigmoid(0) = 1/2
+        state[prefix + "shared_expert_gate.weight"] = torch.zeros(1, x.shape[1], dtype=dtype)
         weights.append(w.to(dtype))
         biases.append(b.to(dtype))
         logger.info("moefy layer %d: router recall@%d %.3f", i, s.top_k, recall)
     record = {
         "source": getattr(model.config, "_name_or_path", ""),
         "settings": asdict(s),
-        "active_fraction": frac,
         "calibration_tokens": int(xs[0].shape[0]),
-        "expert_intermediate_size": model.config.intermediate_size // s.num_experts,
+        "shared_expert_channels": n_shared,
+        "expert_intermediate_size": per_expert,
+        "active_channel_fraction": (n_shared + s.top_k * per_expert) / model.config.intermediate_size,
         "router_topk_recall_mean": sum(r["router_topk_recall"] for r in per_layer) / len(per_layer),
         "layers": per_layer,
     }
-    config = moe_config(model.config, s.num_experts, s.top_k, {k: v for k, v in record.items() if k != "layers"})
+    config = moe_config(model.config, s, {k: v for k, v in record.items() if k != "layers"})
     moe = _assemble(config, state, weights, biases)
     moe.generation_config = model.generation_config
     return moe.to(model.device).eval(), record
 
 
 def _assemble(config, state: dict, weights: list[torch.Tensor], biases: list[torch.Tensor]):
-    """A MixtralForCausalLM of `config` with `state` (strictly: every tensor) and lfmsift routers."""
-    from transformers import MixtralForCausalLM
+    """A Qwen2MoeForCausalLM of `config` with `state` (strictly: every tensor) and lfmsift routers."""
+    from transformers import Qwen2MoeForCausalLM
 
-    model = MixtralForCausalLM(config)  # on the CPU: rotary buffers are computed at construction
+    model = Qwen2MoeForCausalLM(config)  # on the CPU: rotary buffers are computed at construction
     install_routers(model, weights, biases, config.num_experts_per_tok)
     state = dict(state)
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -343,7 +373,7 @@ def is_moefied(config) -> bool:
 def save_moe(model, tokenizer, out_dir: str | Path, info: dict | None = None) -> Path:
     """Save a moefied model as an HF directory plus its routers (atomically: a temp dir renamed at the end).
 
-    transformers writes the experts in Mixtral's original per-expert checkpoint layout and converts them
+    transformers writes the experts in the original per-expert checkpoint layout and converts them
     back on loading, so `load_moe` goes through ``from_pretrained`` and then restores the routers.
     """
     from safetensors.torch import save_file
@@ -375,13 +405,13 @@ def save_moe(model, tokenizer, out_dir: str | Path, info: dict | None = None) ->
 def load_moe(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a directory written by `save_moe`, with its routers restored."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer, MixtralForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, Qwen2MoeForCausalLM
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     if not is_moefied(config):
         raise ValueError(f"{path} is not a model built by lfmsift.models.moefy")
-    model = MixtralForCausalLM.from_pretrained(path, dtype=dtype)  # converts the saved expert layout back
+    model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=dtype)  # converts the saved expert layout back
     routers = load_file(str(path / ROUTER_FILE))
     n = config.num_hidden_layers
     weights = [routers[f"{i}.weight"].to(dtype) for i in range(n)]
