@@ -141,6 +141,9 @@ def test_comparison_resumes_and_reports(smollm2, data_dir, tmp_path, monkeypatch
     rows = {(r["method"], r["task"]): r["metrics"] for r in again.rows.values()}
     assert rows[("griffin", "wikitext2")]["perplexity"] == pytest.approx(rows[("dense", "wikitext2")]["perplexity"])
     assert rows[("pop", "wikitext2")]["perplexity"] != rows[("dense", "wikitext2")]["perplexity"]
+    compute = {(r["method"], r["task"]): r.get("compute") for r in again.rows.values()}
+    assert compute[("dense", "wikitext2")] is None  # what each online method computed, per task
+    assert compute[("pop", "wikitext2")]["prefill_flops_vs_dense"] < 1 and compute[("pop", "wikitext2")]["decode_steps"] == 0
 
     doc = json.loads(out.read_text())
     table = markdown_table(doc)

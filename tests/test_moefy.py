@@ -142,3 +142,21 @@ def test_moefy_rejects_other_architectures():
         MoefySettings(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="shared_fraction"):
         MoefySettings(shared_fraction=0.0)
+
+
+@pytest.mark.real
+def test_named_moe_is_built_once_and_loaded_from_cache(smollm2, data_dir, tmp_path, monkeypatch):
+    """`smollm2-135m-moe` is built from the real SmolLM2 on first use (small settings here), then loaded."""
+    from lfmsift.models.moefy import build_smollm2_moe
+
+    monkeypatch.setenv("LFMSIFT_HOME", str(tmp_path))
+    small = MoefySettings(calib_samples=2, calib_seqlen=64, kmeans_iters=2)
+    moe, tok = build_smollm2_moe(data_dir=data_dir, settings=small)
+    assert (tmp_path / "models" / "smollm2-135m-moe" / "lfmsift.json").is_file()
+    again, _ = lfmsift.load("smollm2-135m-moe")  # from the cache: no data needed
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, moe(ids).logits, rtol=0, atol=0)
+        set_top_k(again, again.config.num_experts)
+        torch.testing.assert_close(again(ids).logits, smollm2[0](ids).logits, rtol=1e-4, atol=1e-4)
+    assert again.config.lfmsift_moefy["calibration_tokens"] == 2 * 65

@@ -120,6 +120,9 @@ def models(json_path: Optional[Path] = typer.Option(None, "--json", help="Write 
             "yes" if r["cached"] else "no", r["install"],
         )
     console.print(table)
+    from lfmsift.models.load import BUILT_MODELS
+
+    console.print("Built from them on first use (nothing downloaded): " + ", ".join(BUILT_MODELS))
     console.print("Any local Hugging Face directory or hub id of these architectures also works: "
                   + ", ".join(supported_model_types()))
     if json_path:
@@ -154,7 +157,7 @@ def ppl(
 
     try:
         text = load_text(data, data_dir)
-        model_obj, tokenizer = _load(model, dtype, device)
+        model_obj, tokenizer = _load(model, dtype, device, data_dir)
     except Exception as exc:
         _fail(exc)
     settings = _prune_settings(target, ffn_ratio, gamma)
@@ -209,7 +212,7 @@ def generate(
     if not prompt.strip():
         _fail(ValueError("The prompt is empty"))
     try:
-        model_obj, tokenizer = _load(model, dtype, device)
+        model_obj, tokenizer = _load(model, dtype, device, data_dir)
     except Exception as exc:
         _fail(exc)
     use_chat = bool(tokenizer.chat_template) if chat is None else chat
@@ -286,7 +289,7 @@ def decode_ppl(
 
     try:
         text = load_text(data, data_dir)
-        model_obj, tokenizer = _load(model, dtype, device)
+        model_obj, tokenizer = _load(model, dtype, device, data_dir)
         target_list = [float(t) for t in targets.split(",") if t.strip()]
     except Exception as exc:
         _fail(exc)

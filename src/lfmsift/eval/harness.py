@@ -149,6 +149,22 @@ def _summary(stats: dict) -> dict:
     return {k: stats[k] for k in keys if k in stats}
 
 
+def _compute(stats: dict) -> dict | None:
+    """What an online method computed during one task: FLOPs against dense, channels per decode step and,
+    for MoE layers, how the per-expert partitions were made (None for static methods)."""
+    if "total" not in stats:
+        return None
+    t = stats["total"]
+    keys = ("prefill_flops_vs_dense", "decode_flops_vs_dense", "channels_computed_per_decode_step",
+            "channels_used_per_decode_step", "d_ff", "decode_steps", "decode_overlap_with_prefill")
+    out = {k: t[k] for k in keys if k in t}
+    for k in ("experts_partitioned_at_prefill", "late_partitions", "pad_only_experts"):
+        values = [row[k] for row in stats["layers"] if k in row]
+        if values:
+            out[k] = sum(values)
+    return out
+
+
 def run_comparison(
     model,
     tokenizer,
@@ -206,8 +222,13 @@ def run_comparison(
             for task in todo:
                 logger.info("%s target %g: %s", method, target, task)
                 start = time.perf_counter()
+                if handle is not None:
+                    handle.reset_stats()
                 metrics = _evaluate(model, tokenizer, task, data, results.reference, progress)
                 row = dict(method=method, target=target, task=task, metrics=metrics, method_info=info)
+                compute = _compute(handle.stats()) if handle is not None else None
+                if compute:
+                    row["compute"] = compute
                 row["seconds"] = round(time.perf_counter() - start, 2)
                 results.add(row)
         finally:

@@ -417,3 +417,35 @@ def load_moe(path: str | Path, dtype: torch.dtype = torch.float32):
     weights = [routers[f"{i}.weight"].to(dtype) for i in range(n)]
     install_routers(model, weights, [routers[f"{i}.bias"].to(dtype) for i in range(n)], config.num_experts_per_tok)
     return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The named model
+# ----------------------------------------------------------------------------------------------------
+
+SMOLLM2_MOE = "smollm2-135m-moe"
+
+
+def build_smollm2_moe(dtype: torch.dtype = torch.float32, data_dir=None, settings: MoefySettings | None = None):
+    """``smollm2-135m-moe``: SmolLM2-135M moefied with `MoefySettings` defaults, built and cached on first use.
+
+    The build (a few minutes on 2 CPU cores) calibrates on PTB (found in `data_dir` / ``$LFMSIFT_DATA`` or the
+    hub) and writes ``$LFMSIFT_HOME/models/smollm2-135m-moe``; later calls only load that directory.
+    """
+    import transformers
+
+    from lfmsift.models.load import load
+    from lfmsift.models.zoo import lfmsift_home
+    from lfmsift.prune.calibration import text_windows
+
+    out_dir = lfmsift_home() / "models" / SMOLLM2_MOE
+    if not (out_dir / "lfmsift.json").is_file():
+        s = settings or MoefySettings()
+        dense, tokenizer = load("smollm2-135m", dtype=torch.float32)
+        windows, bos = text_windows(tokenizer, s.calibration, s.calib_samples, s.calib_seqlen, data_dir)
+        logger.info("Building %s from smollm2-135m into %s (once)", SMOLLM2_MOE, out_dir)
+        moe, record = moefy(dense, windows, s, bos_id=bos)
+        info = {"name": SMOLLM2_MOE, "source": "smollm2-135m", "transformers": transformers.__version__,
+                "torch": torch.__version__, **record}
+        save_moe(moe, tokenizer, out_dir, info)
+    return load_moe(out_dir, dtype)
