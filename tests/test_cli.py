@@ -98,3 +98,11 @@ def test_ppl_with_a_calibrated_baseline(smollm2, data_dir, tmp_path):
     assert "achieved_reduction" in res.output
     stats = json.loads(out.read_text())["prune_stats"]
     assert stats["method"] == "flap" and 0.1 < stats["achieved_reduction"] < 0.3
+
+
+def test_vlm_fidelity_needs_a_vlm_and_a_video(smollm2, data_dir, tmp_path):
+    result = runner.invoke(app, ["vlm-fidelity", "--model", "smollm2-135m", "--data-dir", str(data_dir),
+                                 "--out", str(tmp_path / "f.json")])
+    assert result.exit_code == 2 and "not a vision-language model" in result.output
+    result = runner.invoke(app, ["vlm-fidelity", "--video", str(tmp_path / "missing.avi"), "--out", str(tmp_path / "f.json")])
+    assert result.exit_code == 2 and "video file not found" in result.output

@@ -533,6 +533,8 @@ def vlm_fidelity(
             if not found:
                 raise FileNotFoundError("no --video given and no video/vtest.avi in --data-dir / $LFMSIFT_DATA")
             video = found[0]
+        if clips and not Path(video).is_file():
+            raise FileNotFoundError(f"video file not found: {video}")
         images = tuple(image) or (sample_image(),)
         with console.status(f"Loading {model}..."):
             model_obj, processor = load(model, dtype=dtype, device=device, data_dir=data_dir)

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lfmsift.models.adapters import ModelView, MoEFFN, describe
 from lfmsift.eval.data import load_text
 from lfmsift.eval.perplexity import make_windows, resolve_bos, tokenize_text
+from lfmsift.models.adapters import ModelView, MoEFFN, describe
 from lfmsift.prune.experts import routed
 
 logger = logging.getLogger(__name__)

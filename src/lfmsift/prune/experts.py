@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfmsift.models.adapters import FusedExperts, GatedFFN
-from lfmsift.prune.pop import Mode, POPFFN, PromptContext
+from lfmsift.prune.pop import POPFFN, Mode, PromptContext
 
 
 @dataclass(frozen=True)
