@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -378,27 +376,20 @@ def save_moe(model, tokenizer, out_dir: str | Path, info: dict | None = None) ->
     """
     from safetensors.torch import save_file
 
+    from lfmsift.models.zoo import atomic_directory
+
     out_dir = Path(out_dir)
     layers = describe(model).language_model.layers
     routers = {}
     for i, layer in enumerate(layers):
         routers[f"{i}.weight"] = layer.mlp.gate.weight.detach().contiguous()
         routers[f"{i}.bias"] = layer.mlp.gate.bias.detach().contiguous()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_directory(out_dir) as tmp:
         state = {k: v for k, v in model.state_dict().items() if not k.endswith(".mlp.gate.bias")}
         model.save_pretrained(tmp, state_dict=state)  # the routers' biases live in ROUTER_FILE
         tokenizer.save_pretrained(tmp)
         save_file(routers, str(tmp / ROUTER_FILE))
         (tmp / "lfmsift.json").write_text(json.dumps(info or {}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -165,20 +166,29 @@ def save_plain(model, tokenizer, out_dir: Path, info: dict | None = None) -> Pat
         plain.tie_weights()
     plain.generation_config = model.generation_config
 
+    with atomic_directory(out_dir) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(info or {}, indent=2))
+    return out_dir
+
+
+@contextmanager
+def atomic_directory(out_dir: Path):
+    """A temporary directory beside `out_dir` that replaces it when the block succeeds (removed otherwise),
+    so a cache directory is either complete or absent."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps(info or {}, indent=2))
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def convert_gguf(named: NamedModel, force: bool = False) -> Path:
