@@ -147,7 +147,7 @@ def fidelity_table(doc: dict) -> str:
     steps'), top-1 agreement of teacher-forced predictions, and agreement of the greedy continuations.
     """
     head = ["method", "target", "weights removed", "KL", "KL prefill", "KL decode", "top-1 %", "gen F1 %",
-            "gen EM %", "prefix %", "decode FLOPs vs dense"]
+            "gen EM %", "prefix %", "FFN decode FLOPs vs dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = sorted(doc["rows"], key=lambda r: (float(r["target"]), r["method"]))
     for r in rows:
