@@ -149,7 +149,8 @@ def fidelity_table(doc: dict) -> str:
     head = ["method", "target", "weights removed", "KL", "KL prefill", "KL decode", "top-1 %", "gen F1 %",
             "gen EM %", "prefix %", "FFN decode FLOPs vs dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = sorted(doc["rows"], key=lambda r: (float(r["target"]), r["method"]))
+    methods = list(dict.fromkeys(r["method"] for r in doc["rows"]))  # the order they were run in
+    rows = sorted(doc["rows"], key=lambda r: (float(r["target"]), methods.index(r["method"])))
     for r in rows:
         m, info = r["metrics"], r.get("method_info", {})
         if "achieved_reduction" in info:
