@@ -212,7 +212,7 @@ def generate(
     if not prompt.strip():
         _fail(ValueError("The prompt is empty"))
     try:
-        model_obj, tokenizer = _load(model, dtype, device, data_dir)
+        model_obj, tokenizer = _load(model, dtype, device)
     except Exception as exc:
         _fail(exc)
     use_chat = bool(tokenizer.chat_template) if chat is None else chat
