@@ -32,6 +32,7 @@ from torch import nn
 
 from lfmsift.models.adapters import GatedFFN
 from lfmsift.prune.partition import Partition, PartitionSizes, partition, partition_sizes
+from lfmsift.prune import triton_pop
 from lfmsift.prune.scoring import channel_scores, down_column_norms
 
 Mode = Literal["pop", "static", "reselect"]
@@ -72,6 +73,8 @@ class POPFFN(nn.Module):
         delta: half the Candidate band (gamma / 2). Ignored (0) for ``static`` and ``reselect``.
         mode: ``pop``, ``static`` or ``reselect``.
         context: shared `PromptContext` (None: a multi-token forward starts a new prompt).
+        kernels: ``auto`` runs POP's Candidate selection and gathered down projection as Triton kernels on
+            CUDA tensors (`triton_pop`), ``torch`` always uses the PyTorch ops; both compute the same rule.
     """
 
     lfmsift_replacement = True
@@ -83,8 +86,12 @@ class POPFFN(nn.Module):
         delta: float = 0.05,
         mode: Mode = "pop",
         context: PromptContext | None = None,
+        kernels: str = "auto",
     ):
         super().__init__()
+        if kernels not in ("auto", "torch"):
+            raise ValueError(f"kernels must be 'auto' (Triton on CUDA when available) or 'torch'; got {kernels!r}")
+        self.kernels = kernels
         if mode not in MODES:
             raise ValueError(f"Unknown POP mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
@@ -93,10 +100,11 @@ class POPFFN(nn.Module):
         self.sizes: PartitionSizes = partition_sizes(ffn.intermediate_size, self.ffn_ratio, self.delta)
         self.dense = ffn.module
         self.act_fn = ffn.act_fn
+        self._silu = type(ffn.act_fn).__name__ in ("SiLU", "SiLUActivation")  # the fused Triton kernel's activation
         self.hidden_size = ffn.hidden_size
         self.context = context
         self.counters = LayerCounters()
-        self.register_buffer("col_norms", down_column_norms(ffn.down_proj.weight), persistent=False)
+        self.register_buffer("col_norms", down_column_norms(ffn.down_proj.weight.detach()), persistent=False)
         self.register_buffer("col_norms_sq", self.col_norms.square(), persistent=False)
         self._views = ffn
         self._prompt_id: int | None = None
@@ -126,6 +134,7 @@ class POPFFN(nn.Module):
         self.w_down_used: torch.Tensor | None = None  # (n_keep, hidden): R rows, then this step's Candidates
         self.retained_pos: torch.Tensor | None = None  # arange(|R|)
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
+        self.down_index: torch.Tensor | None = None  # int32 (n_keep,): arange(|R|), then the selected (Triton)
 
     @staticmethod
     def _reuse(buf: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -203,13 +212,21 @@ class POPFFN(nn.Module):
         if self.mode == "pop":
             self._build_slices(part.computed)
             n_r = s.n_retained
-            self.cand_col_norms_sq = self.col_norms_sq.index_select(0, part.candidates)
+            # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in
+            # a CUDA graph stays valid for later prompts (same addresses, new contents).
+            self.cand_col_norms_sq = self._reuse(self.cand_col_norms_sq, (s.n_candidates,), self.col_norms_sq)
+            torch.index_select(self.col_norms_sq, 0, part.candidates, out=self.cand_col_norms_sq)
             self.w_down_used = self._reuse(self.w_down_used, (s.n_keep, self.hidden_size), self.w_down_rows)
             self.w_down_used[:n_r] = self.w_down_rows[:n_r]  # rows after |R| are rewritten at each step
-            self.retained_pos = torch.arange(n_r, device=x.device)
+            if self.retained_pos is None or self.retained_pos.device != x.device:
+                self.retained_pos = torch.arange(n_r, device=x.device)
         elif self.mode == "static":
             self._build_slices(part.keep)
-        else:  # reselect: decode uses the full weights; keep the prefill ranks to measure overlap
+        if self.mode != "reselect" and self.kernels == "auto" and triton_pop.available(x) and (
+            self.down_index is None or self.down_index.device != x.device
+        ):  # static keeps arange(n_keep); pop rewrites the part after |R| at every step
+            self.down_index = torch.arange(s.n_keep, dtype=torch.int32, device=x.device)
+        if self.mode == "reselect":  # decode uses the full weights; keep the prefill ranks to measure overlap
             self.rank = torch.empty_like(part.order)
             self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
             self.w_down_rows = self._transposed_down()
@@ -233,7 +250,13 @@ class POPFFN(nn.Module):
         hid = self.hidden_size
         if self.mode == "static":
             h = self._gated(x)  # (.., n_keep)
-            out = self._down_out(h, self.w_down_rows)
+            if self._use_triton(x) and self.down_index is not None:  # row-major down slice: Triton GEMV
+                out = triton_pop.gathered_down(h.reshape(-1, h.shape[-1]), self.w_down_rows, self.down_index)
+                out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
+                if self._down.bias is not None:
+                    out = out + self._down.bias
+            else:
+                out = self._down_out(h, self.w_down_rows)
             c.overlap_fixed += s.n_keep
             flops = tokens * (2 * hid * 3 * s.n_keep + 3 * s.n_keep)
         elif self.mode == "pop":
@@ -243,6 +266,16 @@ class POPFFN(nn.Module):
                 out = self._down_out(h[..., : s.n_keep], self.w_down_rows[: s.n_keep])
                 c.overlap_fixed += s.n_keep
                 score_flops = 0
+            elif self._use_triton(x) and self.down_index is not None:
+                flat = h.reshape(-1, h.shape[-1])
+                triton_pop.select_candidates(flat, self.cand_col_norms_sq, self.down_index, n_r, k)
+                out = triton_pop.gathered_down(flat, self.w_down_rows, self.down_index)
+                out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
+                if self._down.bias is not None:
+                    out = out + self._down.bias
+                c.overlap_fixed += n_r
+                c.overlap_acc.add_((self.down_index[n_r:] < s.n_keep).sum())  # slice order = prefill rank
+                score_flops = 2 * tokens * s.n_candidates
             else:
                 sel = self._select(h[..., n_r:], self.cand_col_norms_sq, k) + n_r
                 # down_proj over R + the selected Candidates: their rows are gathered behind the R rows of a
@@ -266,6 +299,9 @@ class POPFFN(nn.Module):
         c.decode_flops += flops
         return out
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.kernels == "auto" and x.shape[:-1].numel() <= 64 and triton_pop.available(x)
+
     @staticmethod
     def _select(h: torch.Tensor, col_norms_sq: torch.Tensor, k: int) -> torch.Tensor:
         """Positions of the k channels of `h` with the highest decode-step POP score.
@@ -281,6 +317,9 @@ class POPFFN(nn.Module):
         return torch.topk(sq.reshape(-1) * col_norms_sq, k, sorted=False).indices
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_triton(x) and self.b_gate_up is None and self._silu:
+            flat = x.reshape(-1, x.shape[-1])
+            return triton_pop.gated_gemv(flat.contiguous(), self.w_gate_up).reshape(*x.shape[:-1], -1)
         gu = F.linear(x, self.w_gate_up, self.b_gate_up)
         gate, up = gu.chunk(2, dim=-1)
         return self.act_fn(gate) * up
