@@ -135,6 +135,7 @@ class POPFFN(nn.Module):
         self.retained_pos: torch.Tensor | None = None  # arange(|R|)
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
         self.down_index: torch.Tensor | None = None  # int32 (n_keep,): arange(|R|), then the selected (Triton)
+        self._side_stream = None  # CUDA stream the Candidate selection runs on (Triton path)
 
     @staticmethod
     def _reuse(buf: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -268,8 +269,10 @@ class POPFFN(nn.Module):
                 score_flops = 0
             elif self._use_triton(x) and self.down_index is not None:
                 flat = h.reshape(-1, h.shape[-1])
-                triton_pop.select_candidates(flat, self.cand_col_norms_sq, self.down_index, n_r, k)
-                out = triton_pop.gathered_down(flat, self.w_down_rows, self.down_index)
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(x.device)
+                out = triton_pop.select_and_down(flat, self.cand_col_norms_sq, self.w_down_rows, self.down_index,
+                                                 n_r, k, self._side_stream)
                 out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
                 if self._down.bias is not None:
                     out = out + self._down.bias

@@ -11,6 +11,8 @@ out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). H
   positions of a persistent index vector;
 - `gated_gemv`: gate and up over the contiguous slice in one pass, SiLU and product fused, so the
   intermediate gate/up outputs never go to memory;
+- `select_and_down`: the selection on a side stream, overlapped with the down pass over the Retained
+  rows, then the selected rows;
 - `gathered_down`: a split-K GEMV over the rows named by that index vector (R rows, then the selected
   Candidate rows) of the row-major down slice; each program reads whole 2-byte x BLOCK_N row segments
   and accumulates ``h[:, rows] @ W[rows, cols]`` with the tensor cores into a float32 output by atomic adds.
@@ -124,6 +126,25 @@ def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+                    n_retained: int, k: int, side: torch.cuda.Stream) -> torch.Tensor:
+    """POP's decode down projection: the Retained rows run while the Candidates are selected on `side`.
+
+    The down pass over R does not depend on the selection, so the single-program selection overlaps it
+    (fork/join between two streams: safe inside a CUDA graph capture); the selected rows follow.
+    """
+    main = torch.cuda.current_stream(h.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        select_candidates(h, cand_col_norms_sq, index, n_retained, k)
+    out = torch.zeros((h.shape[0], rows.shape[1]), dtype=torch.float32, device=h.device)
+    if n_retained:
+        gathered_down(h, rows, index[:n_retained], out)
+    main.wait_stream(side)
+    h.record_stream(side)
+    return gathered_down(h, rows, index[n_retained:], out)
+
+
 def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int):
     """Write the positions (in the slice) of the k best Candidates into ``index[n_retained:]``.
 
@@ -136,14 +157,16 @@ def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: t
 
 
 def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None):
-    """``h[:, index] @ rows[index]`` in float32 (tokens, hidden): down_proj over the indexed rows only."""
+    """``h[:, index] @ rows[index]`` in float32 (tokens, hidden): down_proj over the indexed rows only.
+
+    With `out` given, the product is *added* to it (so a step can run the Retained rows and the selected
+    Candidate rows as two launches into one accumulator).
+    """
     tokens, hidden = h.shape[0], rows.shape[1]
     if tokens > 64:
         raise ValueError("gathered_down is a decode kernel: at most 64 tokens per call")
     if out is None:
         out = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
-    else:
-        out.zero_()
     block_b = max(16, triton.next_power_of_2(tokens))
     block_n, block_k, k_per_prog = 128, 64, 512
     grid = (triton.cdiv(hidden, block_n), triton.cdiv(index.numel(), k_per_prog))
