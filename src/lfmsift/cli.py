@@ -42,6 +42,14 @@ def _load(model: str, dtype: str, device: str, data_dir=None):
     return model_obj, getattr(tokenizer, "tokenizer", tokenizer)
 
 
+def _command_line() -> str:
+    """The command as typed (``lfmsift ...``), recorded in result files."""
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
+
+
 def _prune_settings(target: Optional[float], ffn_ratio: Optional[float], gamma: float) -> dict:
     settings = {"gamma": gamma}
     if target is not None:
@@ -461,9 +469,6 @@ def eval_(
 
     Writes OUT (JSON, resumable: rows already there are skipped), OUT.md (table) and OUT.png (figures).
     """
-    import shlex
-    import sys
-
     from lfmsift.eval.harness import EvalSettings, check_names, run_comparison
     from lfmsift.eval.report import figures, markdown_table
 
@@ -478,7 +483,7 @@ def eval_(
             calib_seqlen=calib_seqlen, gamma=gamma,
         )
         model_obj, tokenizer = _load(model, dtype, device, data_dir)
-        command = " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
+        command = _command_line()
         results = run_comparison(
             model_obj, tokenizer, model, method_list, target_list, task_list, settings, out, data_dir, command
         )
@@ -516,9 +521,6 @@ def vlm_fidelity(
 
     Image tokens are part of the prefill that sets POP's partition; batch size 1 (the paper's VLM setting).
     """
-    import shlex
-    import sys
-
     from lfmsift.eval.data import data_dirs
     from lfmsift.eval.harness import EvalSettings, run_fidelity_comparison
     from lfmsift.eval.report import fidelity_table
@@ -543,7 +545,7 @@ def vlm_fidelity(
         samples = vision_samples(processor, video if clips else None, images, clips, frames_per_clip, fps)
         settings = EvalSettings(calibration=calibration, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                                 gamma=gamma)
-        command = " ".join(shlex.quote(a) for a in ["lfmsift", *sys.argv[1:]])
+        command = _command_line()
         results = run_fidelity_comparison(
             model_obj, [s.inputs for s in samples], model, method_list, target_list, new_tokens, settings, out,
             tokenizer=getattr(processor, "tokenizer", processor), data_dir=data_dir, command=command,

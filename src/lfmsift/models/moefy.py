@@ -242,7 +242,6 @@ def install_routers(model, weights: list[torch.Tensor], biases: list[torch.Tenso
     layers = describe(model).language_model.layers
     for layer, w, b in zip(layers, weights, biases, strict=True):
         layer.mlp.gate = MoEficationRouter(w, b, top_k)
-        layer.mlp.top_k = top_k
 
 
 def set_top_k(model, top_k: int) -> None:
@@ -252,8 +251,8 @@ def set_top_k(model, top_k: int) -> None:
         raise TypeError("set_top_k works on models built by lfmsift.models.moefy")
     if not 1 <= top_k <= routers[0].num_experts:
         raise ValueError(f"top_k must be in [1, {routers[0].num_experts}]; got {top_k}")
-    for layer, r in zip(describe(model).language_model.layers, routers):
-        r.top_k = layer.mlp.top_k = top_k
+    for r in routers:
+        r.top_k = top_k
     model.config.num_experts_per_tok = top_k
 
 

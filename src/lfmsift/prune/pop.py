@@ -133,6 +133,7 @@ class POPFFN(nn.Module):
         self.cand_col_norms_sq: torch.Tensor | None = None  # squared down-column norms of C (pop)
         self.w_down_used: torch.Tensor | None = None  # (n_keep, hidden): R rows, then this step's Candidates
         self.retained_pos: torch.Tensor | None = None  # arange(|R|)
+        self._down_used_for: Partition | None = None  # the partition w_down_used was filled for
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
         self.down_index: torch.Tensor | None = None  # int32 (n_keep,): arange(|R|), then the selected (Triton)
         self._side_stream = None  # CUDA stream the Candidate selection runs on (Triton path)
@@ -210,28 +211,24 @@ class POPFFN(nn.Module):
         self.partition = part
         self._prompt_id = self.context.prompt_id if self.context is not None else None
         s = part.sizes
+        triton = self.mode != "reselect" and self.kernels == "auto" and triton_pop.available(x)
         if self.mode == "pop":
             self._build_slices(part.computed)
-            n_r = s.n_retained
             # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in
             # a CUDA graph stays valid for later prompts (same addresses, new contents).
             self.cand_col_norms_sq = self._reuse(self.cand_col_norms_sq, (s.n_candidates,), self.col_norms_sq)
             torch.index_select(self.col_norms_sq, 0, part.candidates, out=self.cand_col_norms_sq)
-            self.w_down_used = self._reuse(self.w_down_used, (s.n_keep, self.hidden_size), self.w_down_rows)
-            self.w_down_used[:n_r] = self.w_down_rows[:n_r]  # rows after |R| are rewritten at each step
-            if self.retained_pos is None or self.retained_pos.device != x.device:
-                self.retained_pos = torch.arange(n_r, device=x.device)
+            if not triton:  # the Triton decode reads R + selected rows in place and needs no gathered copy
+                self._down_used()
         elif self.mode == "static":
             self._build_slices(part.keep)
-        if self.mode != "reselect" and self.kernels == "auto" and triton_pop.available(x) and (
-            self.down_index is None or self.down_index.device != x.device
-        ):  # static keeps arange(n_keep); pop rewrites the part after |R| at every step
+        if triton and (self.down_index is None or self.down_index.device != x.device):
+            # static keeps arange(n_keep); pop rewrites the part after |R| at every step
             self.down_index = torch.arange(s.n_keep, dtype=torch.int32, device=x.device)
         if self.mode == "reselect":  # decode uses the full weights; keep the prefill ranks to measure overlap
             self.rank = torch.empty_like(part.order)
             self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
             self.w_down_rows = self._transposed_down()
-        if self.mode == "reselect":
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
         else:  # the first n_keep rows of the slice are the kept set
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])
@@ -283,9 +280,10 @@ class POPFFN(nn.Module):
                 sel = self._select(h[..., n_r:], self.cand_col_norms_sq, k) + n_r
                 # down_proj over R + the selected Candidates: their rows are gathered behind the R rows of a
                 # persistent buffer, so one matmul reads exactly |R| + k rows.
-                torch.index_select(self.w_down_rows, 0, sel, out=self.w_down_used[n_r:])
+                rows = self._down_used()
+                torch.index_select(self.w_down_rows, 0, sel, out=rows[n_r:])
                 used = h.index_select(-1, torch.cat((self.retained_pos, sel)))
-                out = self._down_out(used, self.w_down_used)
+                out = self._down_out(used, rows)
                 c.overlap_fixed += n_r
                 c.overlap_acc.add_((sel < s.n_keep).sum())  # slice order = prefill rank
                 score_flops = 2 * tokens * s.n_candidates
@@ -301,6 +299,21 @@ class POPFFN(nn.Module):
         c.decode_steps += 1
         c.decode_flops += flops
         return out
+
+    def _down_used(self) -> torch.Tensor:
+        """(n_keep, hidden) rows for the PyTorch decode: the R rows, then each step's selected Candidates.
+
+        Refilled once per partition (at prefill, so a captured decode step stays valid); only the PyTorch path
+        needs this copy of n_keep rows.
+        """
+        if self._down_used_for is not self.partition:
+            n_r = self.sizes.n_retained
+            self.w_down_used = self._reuse(self.w_down_used, (self.sizes.n_keep, self.hidden_size), self.w_down_rows)
+            self.w_down_used[:n_r] = self.w_down_rows[:n_r]
+            if self.retained_pos is None or self.retained_pos.device != self.w_down_rows.device:
+                self.retained_pos = torch.arange(n_r, device=self.w_down_rows.device)
+            self._down_used_for = self.partition
+        return self.w_down_used
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         return self.kernels == "auto" and x.shape[:-1].numel() <= 64 and triton_pop.available(x)
