@@ -563,3 +563,101 @@ def vlm_fidelity(
 if __name__ == "__main__":
     app()
 
+
+
+@app.command()
+def simulate(
+    platform: str = typer.Option("vrex8", help="vrex8, vrex48, agx_orin or a100 (Table I of the V-Rex paper)."),
+    cache: str = typer.Option("1k,5k,10k,20k,40k", help="KV cache lengths per stream (K = 1024 tokens)."),
+    batch: int = typer.Option(1, min=1, help="Streams processed together."),
+    stage: str = typer.Option("frame", help="frame (per-frame prefill), text (per-token decode) or both."),
+    method: str = typer.Option("resv", help="Retrieval method on the platform: resv, rekv, infinigen, "
+                                            "infinigen_p or flexgen (V-Rex runs resv or flexgen)."),
+    baseline: Optional[str] = typer.Option(None, help="Baseline platform (default: the GPU of Table I)."),
+    baseline_method: str = typer.Option("flexgen", help="Method on the baseline platform."),
+    kvmu: bool = typer.Option(True, help="V-Rex's cluster-contiguous KV mapping (--no-kvmu: V-Rex-KVPU)."),
+    trace: Optional[Path] = typer.Option(None, help="Retrieval ratios measured by `lfmsift stream --json`."),
+    fit: bool = typer.Option(False, "--fit", help="Fit the open knobs to the paper's points first; print the fit."),
+    plot: Optional[Path] = typer.Option(None, help="Write a figure of the sweep (PNG)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the sweep (and fit) as JSON."),
+) -> None:
+    """Simulate the V-Rex accelerator or a GPU baseline: latency, FPS, speedup, energy efficiency."""
+    from lfmsift.hw import fit as hwfit
+    from lfmsift.hw.report import compare, parse_caches, plot_compare
+    from lfmsift.hw.sim import DEFAULT_CALIBRATION
+    from lfmsift.hw.trace import load_trace
+
+    try:
+        caches = parse_caches(cache)
+        stages = ("frame", "text") if stage == "both" else (stage,)
+        if any(s not in ("frame", "text") for s in stages):
+            raise ValueError(f"stage must be frame, text or both, got {stage!r}")
+        measured = load_trace(trace) if trace else None
+        calib = DEFAULT_CALIBRATION
+        payload: dict = {"task": "simulate"}
+        if fit:
+            with console.status("Fitting the open knobs to the paper's points..."):
+                calib = hwfit.fit()
+            _print_fit(calib)
+            payload["fit"] = {"knobs": hwfit.knob_values(calib), "points": hwfit.residuals(calib)}
+        sweeps = {s: compare(platform, caches, batch, s, method, baseline, baseline_method, calib, measured, kvmu)
+                  for s in stages}
+    except Exception as exc:
+        _fail(exc)
+    for s, rows in sweeps.items():
+        _print_simulation(rows)
+        if plot:
+            out = plot if len(stages) == 1 else plot.with_name(f"{plot.stem}_{s}{plot.suffix}")
+            console.print(f"figure: {plot_compare(rows, out)}")
+    if json_path:
+        from lfmsift.results import write_json
+
+        payload.update({"platform": platform, "method": method, "batch": batch, "kvmu": kvmu,
+                        "trace": str(trace) if trace else None, "calibration": hwfit.knob_values(calib),
+                        "sweeps": sweeps})
+        write_json(json_path, payload)
+
+
+def _print_simulation(rows: list[dict]) -> None:
+    first = rows[0]
+    rate = "FPS" if first["stage"] == "frame" else "tok/s"
+    base = first.get("baseline")
+    title = f"{first['platform']}+{first['method']}, batch {first['batch']}, {first['stage']} stage"
+    table = Table(title=title + (f" vs {base['platform']}+{base['method']}" if base else ""))
+    for col in ("cache", "latency ms", rate, "ratio", "GOPS/W", *(("base ms", "speedup", "energy gain") if base
+                                                                  else ())):
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [f"{r['cache'] / 1024:g}K", f"{r['latency_ms']:.1f}", f"{r['per_second']:.2f}",
+                 f"{r['retrieval_ratio']:.1%}", f"{r['gops_per_w']:.0f}"]
+        if base:
+            cells += [f"{r['baseline']['latency_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['energy_gain']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    last = rows[-1]
+    parts = Table(title=f"breakdown at {last['cache'] / 1024:g}K: busy time (ms) and energy (mJ) per unit")
+    parts.add_column("unit")
+    parts.add_column("busy ms", justify="right")
+    parts.add_column("energy mJ", justify="right")
+    for unit in sorted(set(last["busy_ms"]) | set(last["energy_breakdown_mj"])):
+        busy, energy = last["busy_ms"].get(unit), last["energy_breakdown_mj"].get(unit)
+        parts.add_row(unit, "-" if busy is None else f"{busy:.2f}", "-" if energy is None else f"{energy:.1f}")
+    console.print(parts)
+
+
+def _print_fit(calib) -> None:
+    from lfmsift.hw import fit as hwfit
+
+    knobs = Table(title="fitted knobs")
+    knobs.add_column("knob")
+    knobs.add_column("value", justify="right")
+    for name, value in hwfit.knob_values(calib).items():
+        knobs.add_row(name, f"{value:.4g}")
+    console.print(knobs)
+    table = Table(title="model vs paper (fit: batch-1 performance and energy points; check: never fitted)")
+    for col in ("point", "source", "used for", "paper", "model", "error"):
+        table.add_column(col, justify="right" if col in ("paper", "model", "error") else "left")
+    for r in hwfit.residuals(calib):
+        table.add_row(r["name"], r["source"], "fit" if r["group"] != "check" else "check", f"{r['paper']:.3g}",
+                      f"{r['model']:.3g}", f"{r['error']:+.1%}")
+    console.print(table)
