@@ -188,6 +188,8 @@ class _Plan:
         self.link_bw = min(p.link.bandwidth, p.offload.read_bandwidth) * calib.link_efficiency(p)
         self.request_s = calib.request_s(p)
         self.run = m.run if not (m.run == "cluster" and (self.gpu or not s.kvmu)) else "token"
+        if self.ratio is None:  # no selection in this stage: the offloaded part streams whole
+            self.run = "layer"
         self.predicts = m.predicts(s.stage) or (override is not None and m.predictor != "none")
         window = calib.resident_window if m.windowed else 0
         self.offloaded = max(s.cache - window, 0)
