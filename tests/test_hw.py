@@ -137,6 +137,15 @@ def test_kvmu_runs_beat_scatter_and_ratios_shrink_fetches():
         simulate(Scenario("vrex8", "resv", 40960, frame_ratio=1.5))
 
 
+def test_a_stage_without_selection_streams_whole_layers():
+    # InfiniGen selects only while generating: its frame stage fetches the offloaded part as one run per layer
+    frame = simulate(Scenario("agx_orin", "infinigen", 40960))
+    assert frame.ratio == 1.0 and frame.link_requests == LLAMA3_8B.layers - 1
+    text = simulate(Scenario("agx_orin", "infinigen", 40960, stage="text"))
+    assert text.ratio == pytest.approx(0.068) and text.predict_s > 0
+    assert text.link_requests == pytest.approx(31 * 8 * 0.068 * (40960 - DEFAULT_CALIBRATION.resident_window))
+
+
 def test_batch_and_cache_grow_the_step():
     one = simulate(Scenario("vrex48", "resv", 20480))
     four = simulate(Scenario("vrex48", "resv", 20480, batch=4))

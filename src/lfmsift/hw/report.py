@@ -80,8 +80,26 @@ def compare(platform: str = "vrex8", caches: list[int] | None = None, batch: int
     return rows
 
 
+def _stacked(ax, rows: list[dict], key: str, title: str) -> None:
+    """Stacked bars per cache length of a per-unit breakdown (``busy_ms`` or ``energy_breakdown_mj``)."""
+    import matplotlib
+
+    units = sorted({u for r in rows for u in r[key] if u != "stall"})
+    labels = [f"{r['cache'] / 1024:g}K" for r in rows]
+    bottom = [0.0] * len(rows)
+    colors = matplotlib.colormaps["tab20"]
+    for i, unit in enumerate(units):
+        values = [r[key].get(unit, 0.0) for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=unit, color=colors(i % 20))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_title(title)
+    ax.set_xlabel("KV cache")
+    ax.legend(fontsize=6, ncol=2)
+
+
 def plot_compare(rows: list[dict], path: str | Path) -> Path:
-    """Latency, rate, speedup and energy efficiency against the cache length (one sweep)."""
+    """Latency, rate, speedup and energy efficiency against the cache length (one sweep), and the
+    platform's busy time and energy per unit at each cache length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +109,8 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
     first = rows[0]
     label = f"{first['platform']}+{first['method']}"
     rate = "FPS" if first["stage"] == "frame" else "tokens/s"
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 7.5))
+    axes = grid.flatten()
     has_base = "baseline" in first
     base_label = f"{first['baseline']['platform']}+{first['baseline']['method']}" if has_base else ""
     for ax, key, title in ((axes[0], "latency_ms", "latency per step (ms)"), (axes[1], "per_second", rate),
@@ -110,11 +129,13 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
         axes[2].set_xlabel("KV cache (K tokens)")
         axes[2].legend()
     axes[0].legend()
+    _stacked(axes[4], rows, "busy_ms", f"{label}: busy time per unit (ms; units overlap)")
+    _stacked(axes[5], rows, "energy_breakdown_mj", f"{label}: energy per unit (mJ)")
     fig.suptitle(f"{label}, batch {first['batch']}, {first['stage']} stage (lfmsift.hw simulator)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
