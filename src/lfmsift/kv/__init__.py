@@ -1,11 +1,14 @@
 """Streaming KV-cache retrieval: hashing, clusters, WiCSum, a tiered store, retrievers and the cache."""
 
-from lfmsift.kv import resv as _resv  # noqa: F401  (registers "resv")
+from lfmsift.kv.infinigen import InfiniGen, InfiniGenP
+from lfmsift.kv.quest import Quest
+from lfmsift.kv.rekv import ReKV
 from lfmsift.kv.resv import ReSV
 from lfmsift.kv.retriever import RETRIEVERS, SELECTION_MODES, Full, LayerIndex, Retriever, get_retriever, register
 from lfmsift.kv.store import KVBudgetError, TierBudget, TieredKVStore
+from lfmsift.kv.streamingllm import StreamingLLM
 
 __all__ = [
-    "RETRIEVERS", "SELECTION_MODES", "Full", "KVBudgetError", "LayerIndex", "ReSV", "Retriever", "TierBudget",
-    "TieredKVStore", "get_retriever", "register",
+    "RETRIEVERS", "SELECTION_MODES", "Full", "InfiniGen", "InfiniGenP", "KVBudgetError", "LayerIndex", "Quest",
+    "ReKV", "ReSV", "Retriever", "StreamingLLM", "TierBudget", "TieredKVStore", "get_retriever", "register",
 ]

@@ -124,6 +124,8 @@ class StreamingKVCache(Cache):
         self._text_group = -1
         self._last_kind = None
         self._pending: dict[int, torch.Tensor] = {}
+        self._attn_inputs: dict[int, tuple] = {}
+        self._hooks: list = []
         self.usage = {
             stage: {
                 layer: _Usage(torch.zeros(self.num_kv_heads, dtype=torch.float64),
@@ -166,7 +168,7 @@ class StreamingKVCache(Cache):
             groups = index.assign(k)
         else:
             groups = torch.full((tokens,), self._text_group, dtype=torch.int64)
-        chosen = self._choose(layer, index, q, store, past)
+        chosen = self._choose(layer, index, q, store, past, self._hint(layer))
         out = self._attention(q, k, v, scaling, store, chosen)
         closed = store.append(k, v, groups)
         frame_closed = [g for g in closed if g >= 0]
@@ -174,17 +176,18 @@ class StreamingKVCache(Cache):
             index.close(frame_closed)
         return out
 
-    def _choose(self, layer: int, index: LayerIndex, q: torch.Tensor, store, past: int) -> list[torch.Tensor]:
+    def _choose(self, layer: int, index: LayerIndex, q: torch.Tensor, store, past: int,
+                hint: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Past token ids each KV head attends to; also records the usage statistics."""
         past_groups = store.group.view[:past]
         text = past_groups < 0
         if self.retriever.selection == "same_layer":
-            keep = self._tokens_from(index.select(q), past_groups, text)
+            keep = self._tokens_from(index.select(q, self.kind, hint), past_groups, text)
         else:
             keep = self._pending.pop(layer, None) if layer != self.full_layers[0] else None
             nxt = self._next_full_layer(layer)
             if nxt is not None:
-                self._pending[nxt] = self._tokens_from(index.select(q), past_groups, text)
+                self._pending[nxt] = self._tokens_from(index.select(q, self.kind, hint), past_groups, text)
         if keep is None:
             keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool)
         frames = (~text).sum().item()
@@ -207,6 +210,33 @@ class StreamingKVCache(Cache):
         if mask.shape[1] == 0:
             return text.expand(mask.shape[0], -1).clone()
         return mask[:, past_groups.clamp(min=0)] | text
+
+    def _hint(self, layer: int) -> torch.Tensor | None:
+        """For retrievers that speculate (InfiniGen): layer ``layer``'s queries computed from the previous
+        layer's attention input; ``None`` for layer 0 or when not needed."""
+        if not self.retriever.needs_hint or layer == 0 or (layer - 1) not in self._attn_inputs:
+            return None
+        return self.project_query(self._attn_inputs[layer - 1][0], layer)
+
+    def project_query(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Post-RoPE queries (heads, rows, dim) of ``layer`` for attention inputs ``hidden`` (1, rows, hidden):
+        its query projection, query norm (Qwen3, Gemma-3) and its rotary embedding at this chunk's positions
+        (the standard rotate-half RoPE of the supported architectures)."""
+        _, position = self._attn_inputs.get(layer, (None, None))
+        attn = self.view.layers[layer].attention
+        q = attn.q_proj(hidden.to(attn.q_proj.weight.dtype))[0]
+        q = q.view(q.shape[0], attn.num_heads, attn.head_dim).transpose(0, 1)
+        if attn.q_norm is not None:
+            q = attn.q_norm(q)
+        if position is not None:
+            cos, sin = (t[0].to(q.dtype) for t in position)
+            half = q.shape[-1] // 2
+            q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+        return q
+
+    def _capture_input(self, module: nn.Module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._attn_inputs[module.layer_idx] = (hidden.detach(), kwargs.get("position_embeddings"))
 
     def _next_full_layer(self, layer: int) -> int | None:
         i = self._slot[layer] + 1
@@ -319,11 +349,17 @@ def install(cache: StreamingKVCache) -> None:
     lm_config._attn_implementation = ATTENTION_NAME
     for layer in cache.view.layers:
         layer.attention.module.lfmsift_cache = cache
+        if cache.retriever.needs_hint:
+            cache._hooks.append(layer.attention.module.register_forward_pre_hook(cache._capture_input,
+                                                                                with_kwargs=True))
 
 
 def uninstall(cache: StreamingKVCache) -> None:
     """Restore the attention implementation that was active before ``install``."""
     cache.view.text_config._attn_implementation = getattr(cache, "_previous_impl", "sdpa")
+    for hook in cache._hooks:
+        hook.remove()
+    cache._hooks.clear()
     for layer in cache.view.layers:
         if getattr(layer.attention.module, "lfmsift_cache", None) is cache:
             del layer.attention.module.lfmsift_cache

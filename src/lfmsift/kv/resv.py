@@ -26,7 +26,7 @@ class ReSVIndex(LayerIndex):
         flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)  # per token, KV heads concatenated
         return self.table.assign(keys, hash_bits(flat, self.planes))
 
-    def select(self, queries: torch.Tensor) -> torch.Tensor:
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
             queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets
         )

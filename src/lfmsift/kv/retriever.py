@@ -2,9 +2,12 @@
 
 A retriever builds one ``LayerIndex`` per attention layer. The streaming cache calls, per chunk:
 ``assign(keys)`` to put the chunk's selectable tokens (frame tokens) into groups — the unit the KV
-store keeps contiguous and moves as one run — then ``select(queries)`` for the groups each KV head
-needs, and ``close(groups)`` when the store offloads groups out of the device window. Text tokens never
-go through a retriever: the cache keeps them always.
+store keeps contiguous and moves as one run — then ``select(queries, stage, hint)`` for the groups each
+KV head needs, and ``close(groups)`` when the store offloads groups out of the device window. Text tokens
+never go through a retriever: the cache keeps them always. ``stage`` is ``"frame"`` while frames (or
+streamed text chunks) are prefilled and ``"text"`` for questions and answers; ``hint`` is, for retrievers
+with ``needs_hint`` (InfiniGen), this layer's queries as predicted from the previous layer's attention
+input.
 
 Adding a retriever is adding a small dataclass with ``name`` and ``index()``, decorated ``@register``.
 """
@@ -28,7 +31,8 @@ class LayerIndex(ABC):
         """Group ids (tokens,) for a chunk of post-RoPE keys (num_kv_heads, tokens, head_dim)."""
 
     @abstractmethod
-    def select(self, queries: torch.Tensor) -> torch.Tensor | None:
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         """(num_kv_heads, groups) bool: the groups each KV head needs for post-RoPE queries
         (num_heads, rows, head_dim); ``None`` means every group."""
 
@@ -51,6 +55,7 @@ class Retriever(ABC):
     the tokens that layer l + 1 fetches; layer 0 attends densely)."""
 
     name: ClassVar[str] = ""
+    needs_hint: ClassVar[bool] = False
     selection: str = "same_layer"
 
     def __post_init__(self) -> None:
@@ -89,7 +94,7 @@ class _ChunkIndex(LayerIndex):
         self.groups += 1
         return torch.full((keys.shape[1],), self.groups - 1, dtype=torch.int64)
 
-    def select(self, queries: torch.Tensor) -> None:
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> None:
         return None
 
     def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
