@@ -565,6 +565,65 @@ if __name__ == "__main__":
 
 
 
+@app.command("kv-eval")
+def kv_eval(
+    model: str = typer.Option("smollm2-135m", help="Named model, local HF directory or hub id."),
+    retrievers: str = typer.Option("full,resv,rekv,infinigen,infinigen_p,quest,streamingllm",
+                                   help="Comma-separated retrievers (lfmsift.kv registry)."),
+    tasks: str = typer.Option("recall,needle", help="recall, needle (text models) and/or video (VLMs)."),
+    sweep: bool = typer.Option(True, help="Also run each retriever over its budget knob (--no-sweep: defaults)."),
+    out: Path = typer.Option(Path("results/kv_eval.json"), help="JSON results (resumed); .md, .png next to it."),
+    stream_tokens: int = typer.Option(4096, min=64, help="Recall: tokens streamed before the probes."),
+    chunk_tokens: int = typer.Option(128, min=1, help="Text streams: tokens per chunk (one 'frame')."),
+    probes: int = typer.Option(8, min=1, help="Recall: paragraphs probed."),
+    needle_lengths: str = typer.Option("1024,2048,4096", help="Needle: stream lengths tried with the full cache."),
+    needle_depths: str = typer.Option("0.1,0.5,0.9", help="Needle: where the passcode is planted."),
+    needle_seeds: str = typer.Option("0", help="Needle: one passcode and text stretch per seed."),
+    video: Optional[Path] = typer.Option(None, help="Video task: the video file (frames streamed one by one)."),
+    frames: int = typer.Option(24, min=1, help="Video task: frames streamed."),
+    fps: float = typer.Option(1.0, help="Video task: frames sampled per second."),
+    new_tokens: int = typer.Option(24, min=1, help="Video task: answer tokens compared per question."),
+    data_dir: Optional[Path] = typer.Option(None, help="Evaluation data directory (default: $LFMSIFT_DATA)."),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+) -> None:
+    """Compare KV retrievers on streaming tasks: quality against fetched tokens (V-Rex's Table II)."""
+    from lfmsift.eval.kv_eval import KVEvalConfig, plan, run_kv_eval, write_reports
+
+    try:
+        names = [r.strip() for r in retrievers.split(",") if r.strip()]
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        runs = plan(names, task_list, sweep)
+        config = KVEvalConfig(
+            stream_tokens=stream_tokens, chunk_tokens=chunk_tokens, probes=probes,
+            needle_lengths=[int(x) for x in needle_lengths.split(",")],
+            needle_depths=[float(x) for x in needle_depths.split(",")],
+            needle_seeds=[int(x) for x in needle_seeds.split(",")],
+            video=str(video) if video else None, frames=frames, fps=fps, new_tokens=new_tokens)
+        if "video" in task_list and (video is None or not video.is_file()):
+            raise FileNotFoundError(f"the video task needs an existing --video file, got {video}")
+        model_obj, processor = _load_processor(model, dtype, device, data_dir)
+    except Exception as exc:
+        _fail(exc)
+    console.print(f"{len(runs)} runs planned; results go to {out} (finished runs are kept and skipped)")
+    try:
+        doc = run_kv_eval(model_obj, processor, model, names, task_list, out, config, sweep, data_dir,
+                          _command_line(), progress=lambda i, n, key: console.print(f"[{i + 1}/{n}] {key}"))
+    except Exception as exc:
+        _fail(exc)
+    paths = write_reports(doc, out)
+    console.print(paths["table"].read_text())
+    console.print("wrote " + ", ".join(str(p) for p in [out, *paths.values()]))
+
+
+def _load_processor(model: str, dtype: str, device: str, data_dir=None):
+    """The model and its full processor (a VLM keeps its image processor)."""
+    from lfmsift.models import load
+
+    with console.status(f"Loading {model} (named models are converted or built on first use)..."):
+        return load(model, dtype=dtype, device=device, data_dir=data_dir)
+
+
 @app.command()
 def simulate(
     platform: str = typer.Option("vrex8", help="vrex8, vrex48, agx_orin or a100 (Table I of the V-Rex paper)."),

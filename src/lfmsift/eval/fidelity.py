@@ -122,3 +122,58 @@ def measure(model, samples: list[dict], ref: Reference) -> FidelityResult:
         samples=len(samples),
         new_tokens=new_tokens,
     )
+
+
+# -- streaming sessions (a KV retriever against the full cache) ---------------------------------------------
+@dataclass
+class StreamReference:
+    """The full cache's answers to each question after a stream: greedy tokens and next-token log-probs."""
+
+    tokens: list[list[int]]
+    logprobs: list[torch.Tensor]
+
+
+def _stream(model, processor, retriever, frames, budget=None):
+    from lfmsift.stream.session import StreamingSession
+
+    session = StreamingSession(model, processor, retriever=retriever, budget=budget)
+    for frame in frames:
+        session.feed(frame)
+    return session
+
+
+def stream_reference(model, processor, frames, questions: list[str], new_tokens: int, budget=None) -> StreamReference:
+    """Stream ``frames`` with the full cache and answer ``questions`` in turn (each answer stays in the
+    cache for the next question): ``new_tokens`` greedy tokens each (a stop token ends an answer early)."""
+    from lfmsift.kv.retriever import Full
+
+    tokens, logprobs = [], []
+    with _stream(model, processor, Full(), frames, budget) as session:
+        for q in questions:
+            answer = session.ask(q, max_new_tokens=new_tokens, keep_logits=True)
+            tokens.append(answer.token_ids)
+            logprobs.append(torch.log_softmax(answer.logits, -1))
+    return StreamReference(tokens, logprobs)
+
+
+def stream_fidelity(model, processor, retriever, frames, questions: list[str], ref: StreamReference,
+                    budget=None) -> dict:
+    """Stream ``frames`` through ``retriever`` and answer ``questions`` teacher-forced on the reference's
+    answers (so every question sees the same conversation): mean ``KL(full || retriever)`` per answer token
+    (``kl_first``: the first token, predicted right after the question's prefill), the share of tokens whose
+    argmax is the reference's (``top1``), and the session's retrieval statistics."""
+    if len(questions) != len(ref.tokens):
+        raise ValueError(f"{len(questions)} questions for a reference of {len(ref.tokens)} answers")
+    kls, firsts, hits = [], [], []
+    with _stream(model, processor, retriever, frames, budget) as session:
+        for q, tokens, ref_lp in zip(questions, ref.tokens, ref.logprobs):
+            answer = session.ask(q, max_new_tokens=len(tokens), keep_logits=True, forced=tokens)
+            cand = torch.log_softmax(answer.logits, -1)
+            kl = kl_divergence(ref_lp, cand)
+            kls.append(kl)
+            firsts.append(float(kl[0]))
+            hits.append((cand.argmax(-1) == torch.tensor(tokens)).double())
+        stats = session.stats()
+    kl = torch.cat(kls)
+    return {"kl": float(kl.mean()), "kl_first": sum(firsts) / len(firsts), "top1": float(torch.cat(hits).mean()),
+            "tokens": int(kl.numel()), "stats": stats}

@@ -168,21 +168,57 @@ class StreamingSession:
         self.chunks_fed += 1
         return ids.shape[1]
 
-    def ask(self, question: str, max_new_tokens: int = 64, keep_logits: bool = False) -> Answer:
-        """Prefill the question and decode greedily; the answer stays in the cache for follow-ups."""
+    def feed_tokens(self, token_ids: list[int] | torch.Tensor) -> int:
+        """Prefill one chunk of streamed text given as token ids (no re-tokenization); return its length."""
+        self._start()
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
+        if ids.numel() == 0:
+            raise ValueError("empty chunk")
+        self._forward(ids, FRAME)
+        self.chunks_fed += 1
+        return ids.shape[1]
+
+    @torch.no_grad()
+    def score(self, prompt_ids: list[int] | torch.Tensor, target_ids: list[int] | torch.Tensor) -> tuple[float, int]:
+        """Teacher-forced negative log-likelihood (sum, count) of ``target_ids`` after ``prompt_ids``, both
+        prefilled as one text chunk over the retrieved cache (which keeps them, like any text)."""
+        self._start()
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        target = torch.as_tensor(target_ids, dtype=torch.long).reshape(-1)
+        if prompt.numel() == 0 or target.numel() == 0:
+            raise ValueError("score() needs a non-empty prompt and target")
+        ids = torch.cat([prompt, target])[None]
+        self.cache.begin(TEXT, ids.shape[1])
+        out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True)
+        self.cache.end(ids.shape[1])
+        self.text_tokens += ids.shape[1]
+        logits = out.logits[0, prompt.numel() - 1 : -1].float()
+        nll = torch.nn.functional.cross_entropy(logits, target.to(logits.device), reduction="sum")
+        return float(nll), int(target.numel())
+
+    def ask(self, question: str, max_new_tokens: int = 64, keep_logits: bool = False,
+            forced: list[int] | None = None, answer_prefix: str = "") -> Answer:
+        """Prefill the question and decode greedily; the answer stays in the cache for follow-ups.
+        ``forced``: feed these tokens instead of the greedy ones (teacher forcing, e.g. a reference answer),
+        so that the logits of every step are comparable with the reference's. ``answer_prefix``: text the
+        answer starts with, prefilled with the question (not part of the returned answer)."""
         if not question.strip():
             raise ValueError("empty question")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if forced is not None and not forced:
+            raise ValueError("forced answer is empty")
         self._start()
-        logits = self._forward(self._tokens(self.parts.question_prefix + question + self.parts.answer_open), TEXT)
+        prompt = self.parts.question_prefix + question + self.parts.answer_open
+        logits = self._forward(torch.cat([self._tokens(prompt), self._tokens(answer_prefix)], 1), TEXT)
         generated, kept = [], []
-        for _ in range(max_new_tokens):
+        steps = len(forced) if forced is not None else max_new_tokens
+        for step in range(steps):
             if keep_logits:
                 kept.append(logits.cpu())
-            token = int(logits.argmax())
+            token = int(forced[step]) if forced is not None else int(logits.argmax())
             generated.append(token)
-            if token in self._stop:
+            if token in self._stop or step + 1 == steps:
                 break
             logits = self._forward(torch.tensor([[token]]), TEXT)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)

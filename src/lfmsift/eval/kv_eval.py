@@ -1,0 +1,298 @@
+"""The streaming evaluation of KV retrievers (`lfmsift kv-eval`): quality against fetched tokens.
+
+Every retriever runs the same token streams (``lfmsift.eval.streaming_qa``: recall perplexity, needle
+retrieval; ``lfmsift.eval.fidelity.stream_fidelity``: answers after real video frames, against the full
+cache). Each is run at its default budget and, with ``sweep``, over its budget knob, so quality can be
+compared at equal fetched ratios. Results go to one JSON file, written after every run and resumed from
+(finished runs are skipped); ``write_reports`` adds the Table II-style markdown table, the quality-vs-ratio
+figure and the per-layer x per-KV-head heat map of the frame-stage ratios (the paper's Fig. 20).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lfmsift.kv.retriever import get_retriever
+
+log = logging.getLogger(__name__)
+
+TASKS = ("recall", "needle", "video")
+# Defaults: ReSV as in the paper; fixed-budget methods at V-Rex's accuracy setting ("up to 50%").
+DEFAULTS: dict[str, dict] = {
+    "full": {}, "resv": {"ratio": 0.3}, "rekv": {"fraction": 0.5}, "infinigen": {"budget": 0.5},
+    "infinigen_p": {"budget": 0.5}, "quest": {"budget": 0.5}, "streamingllm": {"window": 1024},
+}
+SWEEPS: dict[str, list[dict]] = {
+    "full": [],
+    "resv": [{"ratio": r} for r in (0.1, 0.5, 0.7)],
+    "rekv": [{"fraction": f} for f in (0.1, 0.25)],
+    "infinigen": [{"budget": b} for b in (0.1, 0.25)],
+    "infinigen_p": [{"budget": b} for b in (0.1, 0.25)],
+    "quest": [{"budget": b} for b in (0.1, 0.25)],
+    "streamingllm": [{"window": w} for w in (256, 512)],
+}
+
+
+@dataclass
+class KVEvalConfig:
+    """Sizes of the tasks (defaults fit a 135M model on 2 CPU cores in well under an hour)."""
+
+    stream_tokens: int = 4096
+    chunk_tokens: int = 128
+    probes: int = 8
+    prompt_tokens: int = 32
+    target_tokens: int = 64
+    needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    needle_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    needle_seeds: list[int] = field(default_factory=lambda: [0])  # one passcode and text stretch per seed
+    needle_min_accuracy: float = 2 / 3
+    video: str | None = None
+    frames: int = 24
+    fps: float = 1.0
+    questions: list[str] = field(default_factory=lambda: [
+        "What is happening in the video?", "How many people can you see?", "Describe the place."])
+    new_tokens: int = 24
+
+
+def run_key(retriever: str, options: dict, task: str) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{task}|{retriever}|{opts}"
+
+
+def plan(retrievers: list[str], tasks: list[str], sweep: bool) -> list[tuple[str, dict, str]]:
+    """(retriever, options, task) of every run, full first in each task (it sets the needle lengths)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    runs = []
+    for task in tasks:
+        for name in sorted(retrievers, key=lambda n: n != "full"):
+            get_retriever(name)  # an unknown name fails here, before any model work
+            runs.append((name, dict(DEFAULTS.get(name, {})), task))
+            if sweep:
+                runs.extend((name, dict(o), task) for o in SWEEPS.get(name, []))
+    return runs
+
+
+def _summary(stats: dict) -> dict:
+    frame, text = stats.get("frame_stage") or {}, stats.get("text_stage") or {}
+    def per_head(stage):
+        return {str(k): v.get("per_kv_head") for k, v in (stage.get("layers") or {}).items()}
+
+    return {"frame_ratio": frame.get("retrieval_ratio"), "text_ratio": text.get("retrieval_ratio"),
+            "frame_layers": per_head(frame), "text_layers": per_head(text)}
+
+
+def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks: list[str], out: str | Path,
+                config: KVEvalConfig | None = None, sweep: bool = True, data_dir=None, command: str | None = None,
+                progress=None) -> dict:
+    """Run every planned (retriever, options, task) not yet in ``out``; return the whole document."""
+    from lfmsift.eval.data import load_text
+    from lfmsift.eval.streaming_qa import needle_trials, recall_task, run_needle, run_recall
+    from lfmsift.results import environment
+
+    config = config or KVEvalConfig()
+    out = Path(out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    if doc and doc.get("model") != model_name:
+        raise ValueError(f"{out} holds results for {doc.get('model')!r}, not {model_name!r}; use another --out")
+    doc.setdefault("model", model_name)
+    doc.setdefault("runs", {})
+    doc["config"] = {k: v for k, v in vars(config).items()}
+    doc["command"] = command
+    doc["environment"] = environment()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    cache: dict = {}
+
+    def text():
+        if "text" not in cache:
+            cache["text"] = load_text("wikitext2", data_dir=data_dir)
+        return cache["text"]
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+
+    runs = plan(retrievers, tasks, sweep)
+    for i, (name, options, task) in enumerate(runs):
+        key = run_key(name, options, task)
+        if key in doc["runs"]:
+            continue
+        if progress:
+            progress(i, len(runs), key)
+        retriever = get_retriever(name, **options)
+        if task == "recall":
+            if "recall" not in cache:
+                cache["recall"] = recall_task(tokenizer, text(), config.stream_tokens, config.chunk_tokens,
+                                              config.probes, config.prompt_tokens, config.target_tokens)
+            result = run_recall(model, tokenizer, retriever, cache["recall"])
+            quality = {"ppl": result["ppl"], "per_probe_ppl": result["per_probe_ppl"]}
+        elif task == "needle":
+            lengths = doc.get("needle_lengths")
+            if lengths is None:  # the full cache decides which lengths the model itself can do
+                trials = needle_trials(tokenizer, text(), config.needle_lengths, config.needle_depths,
+                                       config.needle_seeds, config.chunk_tokens)
+                result = run_needle(model, tokenizer, get_retriever("full"), trials)
+                by_length = {n: [t["success"] for t in result["trials"] if t["length"] == n]
+                             for n in config.needle_lengths}
+                doc["needle_full_by_length"] = {str(n): sum(v) / len(v) for n, v in by_length.items()}
+                ok = [n for n, v in by_length.items() if sum(v) / len(v) >= config.needle_min_accuracy]
+                doc["needle_lengths"] = lengths = ok or [min(config.needle_lengths)]
+                save()
+            trials = needle_trials(tokenizer, text(), lengths, config.needle_depths, config.needle_seeds,
+                                   config.chunk_tokens)
+            result = run_needle(model, tokenizer, retriever, trials)
+            quality = {"accuracy": result["accuracy"], "trials": result["trials"]}
+        else:
+            from lfmsift.eval.fidelity import stream_fidelity, stream_reference
+            from lfmsift.stream.video import frames as read_frames
+
+            if not hasattr(processor, "image_processor"):
+                raise ValueError(f"the video task needs a vision-language model; {model_name} takes text only")
+            if not config.video:
+                raise ValueError("the video task needs a video file (--video)")
+            if "frames" not in cache:
+                cache["frames"] = [f.image for f in read_frames(config.video, fps=config.fps,
+                                                                max_frames=config.frames)]
+                if not cache["frames"]:
+                    raise ValueError(f"no frames decoded from {config.video}")
+                cache["reference"] = stream_reference(model, processor, cache["frames"], config.questions,
+                                                      config.new_tokens)
+            result = stream_fidelity(model, processor, retriever, cache["frames"], config.questions,
+                                     cache["reference"])
+            quality = {k: result[k] for k in ("kl", "kl_first", "top1", "tokens")}
+        doc["runs"][key] = {"retriever": name, "options": options, "task": task, "quality": quality,
+                            "default": options == DEFAULTS.get(name, {}), **_summary(result["stats"])}
+        save()
+    return doc
+
+
+# -- reports ----------------------------------------------------------------------------------------------
+QUALITY = {"recall": ("ppl", "recall ppl", False), "needle": ("accuracy", "needle acc.", True),
+           "video": ("kl", "video KL", False)}
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_table(doc: dict) -> str:
+    """Table II form: per retriever at its default budget, quality per task and fetched ratios."""
+    runs = [r for r in doc["runs"].values() if r["default"]]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+    names = sorted({r["retriever"] for r in runs}, key=lambda n: (n != "full", n))
+    head = ["method", "options"]
+    for t in tasks:
+        head += [QUALITY[t][1]] + (["video top-1"] if t == "video" else []) + [f"{t} fetched % frame / text"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        row = [n, ", ".join(f"{k}={v}" for k, v in DEFAULTS.get(n, {}).items()) or "-"]
+        for t in tasks:
+            r = next((x for x in runs if x["retriever"] == n and x["task"] == t), None)
+            if r is None:
+                row += ["-"] * (3 if t == "video" else 2)
+                continue
+            q = r["quality"][QUALITY[t][0]]
+            row.append(f"{100 * q:.0f}%" if t == "needle" else f"{q:.3f}" if t == "video" else f"{q:.2f}")
+            if t == "video":
+                row.append(f"{100 * r['quality']['top1']:.1f}%")
+            row.append(f"{_pct(r['frame_ratio'])} / {_pct(r['text_ratio'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(doc: dict, path: str | Path) -> Path:
+    """Quality against the fetched ratio (frame stage and text stage), every run of every retriever."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(r["task"] == t for r in doc["runs"].values())]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.6 * len(tasks)), squeeze=False)
+    names = sorted({r["retriever"] for r in doc["runs"].values()})
+    colors = {n: matplotlib.colormaps["tab10"](i % 10) for i, n in enumerate(names)}
+    for row, task in zip(axes, tasks):
+        key, label, _ = QUALITY[task]
+        for n in names:
+            runs = sorted((r for r in doc["runs"].values() if r["task"] == task and r["retriever"] == n),
+                          key=lambda r: r["text_ratio"] or 0)
+            if not runs:
+                continue
+            for ax, stage in zip(row, ("frame_ratio", "text_ratio")):
+                xs = [100 * (r[stage] if r[stage] is not None else 1.0) for r in runs]
+                ys = [r["quality"][key] for r in runs]
+                ax.plot(xs, ys, "o-" if len(runs) > 1 else "o", color=colors[n], label=n)
+        for ax, stage in zip(row, ("frame stage", "text stage")):
+            ax.set_xlabel(f"fetched tokens, {stage} (%)")
+            ax.set_ylabel(label)
+            ax.set_xscale("log")
+            if task == "recall":
+                ax.set_yscale("log")
+            ax.set_title(f"{task}: {label} vs {stage} ratio")
+        row[0].legend(fontsize=7)
+    fig.suptitle(f"{doc['model']}: quality against fetched tokens (lfmsift kv-eval)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(doc: dict, path: str | Path) -> Path:
+    """Per layer x KV head retrieval ratio of each retriever at its default budget (the paper's Fig. 20):
+    the frame stage where the retriever selects there, else the text stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    task_order = {t: i for i, t in enumerate(("video", "recall", "needle"))}
+    chosen: dict[str, tuple[dict, str]] = {}
+    for r in sorted(doc["runs"].values(), key=lambda r: task_order[r["task"]]):
+        if not r["default"] or r["retriever"] == "full" or r["retriever"] in chosen:
+            continue
+        stage = "frame" if (r["frame_ratio"] or 1.0) < 1.0 else "text"
+        if r.get(f"{stage}_layers"):
+            chosen[r["retriever"]] = (r, stage)
+    if not chosen:
+        raise ValueError("no per-layer ratios to draw")
+    fig, axes = plt.subplots(1, len(chosen), figsize=(2.3 * len(chosen) + 1.5, 5.5), squeeze=False)
+    for ax, (name, (r, stage)) in zip(axes[0], sorted(chosen.items())):
+        layers = r[f"{stage}_layers"]
+        grid = np.array([layers[k] for k in sorted(layers, key=int)]) * 100
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+        ax.set_title(f"{name}\n{r['task']}, {stage} stage\nmean {np.mean(grid):.1f}%", fontsize=8)
+        ax.set_xlabel("KV head")
+        ax.set_xticks(range(grid.shape[1]))
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="retrieval ratio (%)")
+    fig.suptitle(f"{doc['model']}: tokens fetched per layer and KV head (cf. V-Rex Fig. 20)")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(doc: dict, out: str | Path) -> dict[str, Path]:
+    """``<out>.md`` (table), ``<out>.png`` (quality vs ratio), ``<out>_heatmap.png`` next to the JSON."""
+    out = Path(out)
+    md = out.with_suffix(".md")
+    lines = [f"# KV retrieval on {doc['model']}\n", f"Command: `{doc.get('command')}`\n"]
+    if "needle_full_by_length" in doc:
+        lines.append("Needle accuracy of the full cache by stream length: " + ", ".join(
+            f"{k}: {100 * v:.0f}%" for k, v in doc["needle_full_by_length"].items())
+                     + f"; lengths used: {doc['needle_lengths']}\n")
+    lines.append(markdown_table(doc))
+    md.write_text("\n".join(lines))
+    paths = {"table": md, "figure": figure(doc, out.with_suffix(".png"))}
+    try:
+        paths["heatmap"] = heatmap(doc, out.with_name(out.stem + "_heatmap.png"))
+    except ValueError:
+        pass
+    return paths
+

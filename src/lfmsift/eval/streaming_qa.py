@@ -1,0 +1,152 @@
+"""Streaming evaluations of KV retrieval on real text: what a retriever's fetched tokens cost in quality.
+
+- **Recall perplexity**: real WikiText-2 paragraphs are streamed in chunks (as "frames": every chunk goes
+  through retrieval); afterwards the opening of a paragraph seen long before (in the first half of the
+  stream) is presented and the rest of it is scored, teacher-forced. With the full cache a model copies the
+  paragraph it has seen (low perplexity); a retriever that misses its tokens cannot.
+- **Needle retrieval**: a sentence with a random passcode is planted at a chosen depth of a long stream of
+  real WikiText-2 text; at the end the model is asked for the passcode (its answer opened with "The secret
+  passcode is", so a small chat model answers with the number at once); a trial succeeds when the greedy
+  answer contains it. Run the full cache first to find the lengths at which the model itself succeeds.
+
+Both build their token streams once (``recall_task`` / ``needle_trials``) so every retriever sees the same
+tokens; ``run_recall`` / ``run_needle`` stream them through a ``StreamingSession`` and return quality plus
+the session's retrieval statistics (fetched ratio per stage, per layer and KV head).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+from lfmsift.kv.retriever import Retriever
+from lfmsift.stream.session import StreamingSession
+
+HEADING = re.compile(r"^\s*=+ .* =+\s*$")
+
+
+@dataclass
+class RecallProbe:
+    prompt: list[int]
+    target: list[int]
+    start: int                 # token offset of the paragraph in the stream
+
+
+@dataclass
+class RecallTask:
+    chunks: list[list[int]]
+    probes: list[RecallProbe]
+    stream_tokens: int
+
+
+def paragraphs(text: str) -> list[str]:
+    """WikiText-2 paragraphs: non-empty lines that are not section headings."""
+    return [line.strip() for line in text.split("\n") if line.strip() and not HEADING.match(line)]
+
+
+def recall_task(tokenizer, text: str, stream_tokens: int = 4096, chunk_tokens: int = 256, probes: int = 8,
+                prompt_tokens: int = 32, target_tokens: int = 64, offset: int = 0) -> RecallTask:
+    """Paragraphs from ``offset`` concatenated into a stream of about ``stream_tokens`` tokens, cut into
+    chunks; probes on paragraphs (long enough for prompt + target) that lie in the first half, evenly spaced."""
+    if stream_tokens < 2 * (prompt_tokens + target_tokens) or chunk_tokens < 1 or probes < 1:
+        raise ValueError("stream too short for its probes, or chunk_tokens / probes < 1")
+    ids: list[int] = []
+    spans = []
+    for para in paragraphs(text)[offset:]:
+        piece = tokenizer(para + "\n", add_special_tokens=False)["input_ids"]
+        spans.append((len(ids), piece))
+        ids.extend(piece)
+        if len(ids) >= stream_tokens:
+            break
+    if len(ids) < stream_tokens:
+        raise ValueError(f"the text gives only {len(ids)} tokens, {stream_tokens} asked")
+    ids = ids[:stream_tokens]
+    need = prompt_tokens + target_tokens
+    eligible = [(start, piece) for start, piece in spans if len(piece) >= need and start + need <= stream_tokens // 2]
+    if len(eligible) < probes:
+        raise ValueError(f"only {len(eligible)} paragraphs of >= {need} tokens in the first half; lower probes")
+    step = len(eligible) / probes
+    chosen = [eligible[int(i * step)] for i in range(probes)]
+    return RecallTask(
+        chunks=[ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)],
+        probes=[RecallProbe(piece[:prompt_tokens], piece[prompt_tokens:need], start) for start, piece in chosen],
+        stream_tokens=len(ids),
+    )
+
+
+def run_recall(model, tokenizer, retriever: Retriever, task: RecallTask, budget=None) -> dict:
+    """Stream the task's chunks, score every probe; perplexity over all probes' target tokens."""
+    with StreamingSession(model, tokenizer, retriever=retriever, budget=budget, chat=False) as session:
+        for chunk in task.chunks:
+            session.feed_tokens(chunk)
+        nll = count = 0
+        per_probe = []
+        for probe in task.probes:
+            n, c = session.score(probe.prompt, probe.target)
+            nll, count = nll + n, count + c
+            per_probe.append(math.exp(n / c))
+        stats = session.stats()
+    return {"ppl": math.exp(nll / count), "per_probe_ppl": per_probe, "stats": stats}
+
+
+@dataclass
+class NeedleTrial:
+    chunks: list[list[int]]
+    answer: str
+    length: int
+    depth: float
+    question: str = "What is the secret passcode?"
+    answer_prefix: str = " The secret passcode is"  # so a small chat model answers with the number at once
+    meta: dict = field(default_factory=dict)
+
+
+def needle_trials(tokenizer, text: str, lengths: list[int], depths: list[float], seeds: list[int],
+                  chunk_tokens: int = 256) -> list[NeedleTrial]:
+    """One trial per (length, depth, seed): ``length`` tokens of real text (a different stretch per seed) with
+    "The secret passcode is NNNN." inserted at ``depth`` of it."""
+    filler = tokenizer(" ".join(paragraphs(text)), add_special_tokens=False)["input_ids"]
+    trials = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        value = str(rng.randint(1000, 9999))
+        needle = tokenizer(f"\nThe secret passcode is {value}. Remember it.\n", add_special_tokens=False)["input_ids"]
+        for length in lengths:
+            body = length - len(needle)
+            start = (seed * 7919) % max(1, len(filler) - body)
+            base = filler[start : start + body]
+            if len(base) < body:
+                raise ValueError(f"the text is too short for a {length}-token needle stream")
+            for depth in depths:
+                if not 0.0 <= depth <= 1.0:
+                    raise ValueError(f"depth must be in [0, 1], got {depth}")
+                at = int(depth * body)
+                ids = base[:at] + needle + base[at:]
+                trials.append(NeedleTrial([ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)],
+                                          value, length, depth, meta={"seed": seed}))
+    return trials
+
+
+def run_needle(model, tokenizer, retriever: Retriever, trials: list[NeedleTrial], max_new_tokens: int = 6,
+               budget=None) -> dict:
+    """Success rate of the trials; the retrieval ratios are averaged over them."""
+    results = []
+    frame = text = 0.0
+    layers: dict = {}
+    for trial in trials:
+        with StreamingSession(model, tokenizer, retriever=retriever, budget=budget) as session:
+            for chunk in trial.chunks:
+                session.feed_tokens(chunk)
+            answer = session.ask(trial.question, max_new_tokens=max_new_tokens, answer_prefix=trial.answer_prefix)
+            stats = session.stats()
+        ok = trial.answer in answer.text
+        results.append({"length": trial.length, "depth": trial.depth, "answer": trial.answer,
+                        "generated": answer.text, "success": ok, **trial.meta})
+        frame += stats["frame_stage"]["retrieval_ratio"] or 0.0
+        text += stats["text_stage"]["retrieval_ratio"] or 0.0
+        layers = stats["frame_stage"]["layers"]
+    n = len(trials)
+    return {"accuracy": sum(r["success"] for r in results) / n, "trials": results,
+            "stats": {"frame_stage": {"retrieval_ratio": frame / n, "layers": layers},
+                      "text_stage": {"retrieval_ratio": text / n}}}
