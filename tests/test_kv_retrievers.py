@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lfmsift.kv import TierBudget, get_retriever
+from lfmsift.kv import ReSV, TierBudget, get_retriever
 from lfmsift.kv.cache import new_cache, uninstall
 from lfmsift.kv.infinigen import InfiniGen, skew_and_columns, speculative_count
 from lfmsift.kv.quest import Quest, QuestIndex, page_scores
@@ -71,6 +71,22 @@ def test_infinigen_skew_columns_and_count():
     assert speculative_count(logits, 5.0, cap=4) == 2                # head 0: 10, 6; head 1: 3, 2
     assert speculative_count(logits, 5.0, cap=1) == 1
     assert speculative_count(logits, 20.0, cap=3) == 3
+
+
+def test_wicsum_score_modes_keep_the_order():
+    from lfmsift.kv.wicsum import transform_scores, wicsum_select
+
+    s = torch.tensor([[3.0, -1.0, 1.0, -3.0]])
+    assert transform_scores(s, "shifted").tolist() == [[6.0, 2.0, 4.0, 0.0]]
+    soft = transform_scores(s, "softmax", 1.0)
+    assert soft[0, 0] == 1.0 and torch.equal(soft.argsort(), s.argsort())
+    counts = torch.ones(4)
+    # raw: total 0 -> the top cluster only; shifted: 0.3 x 12 = 3.6 -> 6 already exceeds it -> the top one;
+    # 0.6 x 12 = 7.2 -> 6 + 4 -> two clusters
+    assert wicsum_select(s, counts, 0.3).tolist() == [[True, False, False, False]]
+    assert wicsum_select(transform_scores(s, "shifted"), counts, 0.6).tolist() == [[True, False, True, False]]
+    with pytest.raises(ValueError, match="score_mode"):
+        transform_scores(s, "log")
 
 
 # -- in real streams --------------------------------------------------------------------------------------
@@ -174,7 +190,7 @@ def test_speculative_queries_match_the_model_own(arch):
 def test_bad_options_fail_clearly():
     for make in (lambda: ReKV(fraction=0.0), lambda: ReKV(topk=0), lambda: Quest(budget=1.5),
                  lambda: StreamingLLM(window=-1), lambda: InfiniGen(budget=0.0),
-                 lambda: InfiniGen(selection="previous_layer")):
+                 lambda: InfiniGen(selection="previous_layer"), lambda: ReSV(score_mode="log")):
         with pytest.raises(ValueError):
             make()
     assert math.isclose(ReKV().fraction, 0.5)

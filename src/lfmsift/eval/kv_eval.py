@@ -27,7 +27,10 @@ DEFAULTS: dict[str, dict] = {
 }
 SWEEPS: dict[str, list[dict]] = {
     "full": [],
-    "resv": [{"ratio": r} for r in (0.1, 0.5, 0.7)],
+    "resv": [*({"ratio": r} for r in (0.1, 0.5, 0.7)),
+             # the score readings the paper leaves open (lfmsift.kv.wicsum.transform_scores)
+             {"ratio": 0.1, "score_mode": "shifted"}, {"ratio": 0.3, "score_mode": "shifted"},
+             {"ratio": 0.9, "score_mode": "softmax"}],
     "rekv": [{"fraction": f} for f in (0.1, 0.25)],
     "infinigen": [{"budget": b} for b in (0.1, 0.25)],
     "infinigen_p": [{"budget": b} for b in (0.1, 0.25)],

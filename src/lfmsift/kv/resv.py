@@ -10,7 +10,7 @@ import torch
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD, HashClusterTable
 from lfmsift.kv.hashing import DEFAULT_HASH_BITS, hash_bits, hyperplanes
 from lfmsift.kv.retriever import LayerIndex, Retriever, register
-from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, select_clusters
+from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, SCORE_MODES, select_clusters
 
 
 class ReSVIndex(LayerIndex):
@@ -28,7 +28,8 @@ class ReSVIndex(LayerIndex):
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
-            queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets
+            queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets,
+            self.config.score_mode,
         )
         return mask
 
@@ -57,7 +58,9 @@ class ReSV(Retriever):
     with that many equal-width buckets (a superset of the exact selection; it also reports the visited
     fraction of each row). ``key_bytes`` is the precision the HC table's mean keys are *counted* at
     (default: that of the KV cache, so the HC-table / KV ratio compares like with like; the paper's 1.67%
-    is bf16 for both); they are kept in fp32 for accuracy.
+    is bf16 for both); they are kept in fp32 for accuracy. ``score_mode``: what WiCSum weighs — ``raw``
+    ``q . k_cluster`` (the paper's literal rule, our default), ``shifted`` (minus each row's minimum) or
+    ``softmax`` (attention mass); see ``lfmsift.kv.wicsum.transform_scores``.
     """
 
     name: ClassVar[str] = "resv"
@@ -67,9 +70,12 @@ class ReSV(Retriever):
     buckets: int | None = None
     seed: int = 0
     key_bytes: int | None = None
+    score_mode: str = "raw"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"WiCSum ratio must be in [0, 1), got {self.ratio}")
         if self.buckets is not None and self.buckets < 1:

@@ -72,12 +72,31 @@ def wicsum_bucketed(
     return mask, seen.to(torch.float64).mean(-1)
 
 
+SCORE_MODES = ("raw", "shifted", "softmax")
+
+
+def transform_scores(scores: torch.Tensor, mode: str = "raw", scale: float = 1.0) -> torch.Tensor:
+    """Scores WiCSum weighs by cluster size (the digest's A6; every mode keeps each row's order):
+    ``raw`` — ``q . k_cluster`` as the paper writes it (may be negative); ``shifted`` — minus the row's
+    minimum, so every weight is >= 0 and the ratio is a share of non-negative mass; ``softmax`` —
+    ``exp(scale * (s - max))``, so ``n_j * weight`` is cluster j's share of attention if its tokens scored
+    like its mean key."""
+    if mode == "raw":
+        return scores
+    if mode == "shifted":
+        return scores - scores.amin(-1, keepdim=True)
+    if mode == "softmax":
+        return torch.exp(scale * (scores - scores.amax(-1, keepdim=True)))
+    raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {mode!r}")
+
+
 def select_clusters(
     queries: torch.Tensor,
     representatives: torch.Tensor,
     counts: torch.Tensor,
     ratio: float = DEFAULT_WICSUM_RATIO,
     buckets: int | None = None,
+    score_mode: str = "raw",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clusters each KV head must fetch: WiCSum per query head and row, unioned over rows and the group.
 
@@ -93,6 +112,7 @@ def select_clusters(
         return torch.zeros(kv_heads, 0, dtype=torch.bool, device=queries.device), None
     grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(representatives.dtype)
     scores = grouped @ representatives.transpose(1, 2)  # (kv_heads, group * rows, clusters)
+    scores = transform_scores(scores, score_mode, dim ** -0.5)
     if buckets is None:
         mask, visited = wicsum_select(scores, counts, ratio), None
     else:
