@@ -105,7 +105,9 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
     doc.setdefault("model", model_name)
     doc.setdefault("runs", {})
     doc["config"] = {k: v for k, v in vars(config).items()}
-    doc["command"] = command
+    commands = doc.setdefault("commands", [c for c in [doc.pop("command", None)] if c])
+    if command and command not in commands:
+        commands.append(command)
     doc["environment"] = environment()
     tokenizer = getattr(processor, "tokenizer", processor)
     cache: dict = {}
@@ -285,7 +287,8 @@ def write_reports(doc: dict, out: str | Path) -> dict[str, Path]:
     """``<out>.md`` (table), ``<out>.png`` (quality vs ratio), ``<out>_heatmap.png`` next to the JSON."""
     out = Path(out)
     md = out.with_suffix(".md")
-    lines = [f"# KV retrieval on {doc['model']}\n", f"Command: `{doc.get('command')}`\n"]
+    commands = doc.get("commands") or [doc.get("command")]
+    lines = [f"# KV retrieval on {doc['model']}\n", "Commands:\n", *(f"    {c}" for c in commands), ""]
     if "needle_full_by_length" in doc:
         lines.append("Needle accuracy of the full cache by stream length: " + ", ".join(
             f"{k}: {100 * v:.0f}%" for k, v in doc["needle_full_by_length"].items())

@@ -36,7 +36,10 @@ def _prompt_hook(context: PromptContext):
 
     def hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        past = 0 if cache is None else int(cache.get_seq_length())
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            past = 1  # a step captured in a CUDA graph continues a prompt (reading the cache length would sync)
+        else:
+            past = 0 if cache is None else int(cache.get_seq_length())
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
