@@ -50,6 +50,18 @@ def test_gated_gemv_equals_torch():
         assert float((got - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_gated_rows_into_a_column_range_of_a_buffer():
+    torch.manual_seed(1)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * 100, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    out = torch.full((3, 130), 7.0, device="cuda", dtype=torch.bfloat16)
+    triton_pop.gated_rows(x, w[40:100], w[140:200], out[:, 30:90])   # rows 40.. of gate and of up
+    gate, up = (x.float() @ w.float().T).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate[:, 40:]) * up[:, 40:]
+    assert float((out[:, 30:90].float() - ref).norm() / ref.norm()) < 1e-2
+    assert (out[:, :30] == 7).all() and (out[:, 90:] == 7).all()    # nothing written outside the range
+
+
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_equals_torch_decode(batch, dtype):

@@ -258,18 +258,21 @@ class POPFFN(nn.Module):
             c.overlap_fixed += s.n_keep
             flops = tokens * (2 * hid * 3 * s.n_keep + 3 * s.n_keep)
         elif self.mode == "pop":
-            h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
             n_r, k = s.n_retained, s.k_select
+            fused = (k != s.n_candidates and self._use_triton(x) and self.down_index is not None
+                     and self.b_gate_up is None and self._silu)
+            if not fused:
+                h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
             if k == s.n_candidates:  # no choice to make (gamma = 0, or every candidate is needed)
                 out = self._down_out(h[..., : s.n_keep], self.w_down_rows[: s.n_keep])
                 c.overlap_fixed += s.n_keep
                 score_flops = 0
-            elif self._use_triton(x) and self.down_index is not None:
-                flat = h.reshape(-1, h.shape[-1])
+            elif fused:  # Triton: the selection runs beside gate/up over R, one down launch
                 if self._side_stream is None:
                     self._side_stream = torch.cuda.Stream(x.device)
-                out = triton_pop.select_and_down(flat, self.cand_col_norms_sq, self.w_down_rows, self.down_index,
-                                                 n_r, k, self._side_stream)
+                _, out = triton_pop.pop_decode_step(x.reshape(-1, hid).contiguous(), self.w_gate_up, n_r,
+                                                    self.cand_col_norms_sq, self.w_down_rows, self.down_index, k,
+                                                    self._side_stream)
                 out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
                 if self._down.bias is not None:
                     out = out + self._down.bias

@@ -11,8 +11,9 @@ out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). H
   behind the |R| Retained positions of a persistent index vector;
 - `gated_gemv`: gate and up over the contiguous slice in one pass, SiLU and product fused, so the
   intermediate gate/up outputs never go to memory;
-- `select_and_down`: the selection on a side stream, overlapped with the down pass over the Retained
-  rows, then the selected rows;
+- `pop_decode_step`: gate/up over the Candidate rows first, the selection on a side stream while gate/up
+  runs over the Retained rows, then one down pass over the Retained + selected rows (`select_and_down`,
+  the earlier schedule, overlaps the selection with a down pass over R and needs a second down launch);
 - `gathered_down`: a split-K GEMV over the rows named by that index vector (R rows, then the selected
   Candidate rows) of the row-major down slice; each program reads whole 2-byte x BLOCK_N row segments
   and accumulates ``h[:, rows] @ W[rows, cols]`` with the tensor cores into a float32 output by atomic adds.
@@ -93,7 +94,7 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _gated_gemv_kernel(x_ptr, w_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
+    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
                            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,8 +109,8 @@ if triton is not None:
             xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
                          other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
-            wg = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
-            wu = tl.load(w_ptr + (offs_n[None, :] + n) * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
+            wg = tl.load(g_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
+            wu = tl.load(u_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
             acc_g += tl.dot(xv, wg)
             acc_u += tl.dot(xv, wu)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
@@ -117,20 +118,60 @@ if triton is not None:
                  mask=bmask[:, None] & nmask[None, :])
 
 
-def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+# Launch parameters, chosen on an H100 by `benchmarks/pop_gpu_tune.py` (results/pop_gpu_tune_h100.json).
+GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 64, "K_PER_PROG": 512, "num_warps": 4}
+
+
+def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
+               config: dict | None = None) -> torch.Tensor:
+    """``out = silu(x gate^T) * (x up^T)`` for row slices ``gate`` / ``up`` (m, hidden) of equal row stride;
+    ``out`` (tokens, m) may be a column range of a larger buffer."""
+    tokens, hidden = x.shape
+    m = gate.shape[0]
+    if m == 0:
+        return out
+    cfg = {**GATED_CONFIG, **(config or {})}
+    block_n = cfg.pop("BLOCK_N")
+    _gated_gemv_kernel[(triton.cdiv(m, block_n),)](
+        x, gate, up, out, tokens, m, hidden, x.stride(0), gate.stride(0), out.stride(0),
+        BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n, **cfg,
+    )
+    return out
+
+
+def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """``silu(x W_g^T) * (x W_u^T)`` for a stacked (2n, hidden) slice ``[W_g; W_u]``: one pass over its rows.
 
     `x` is (tokens, hidden) with at most 64 tokens (decode); returns (tokens, n) in x's dtype.
     """
-    tokens, hidden = x.shape
     n = gate_up.shape[0] // 2
-    h = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
-    block_n = 16
-    _gated_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, gate_up, h, tokens, n, hidden, x.stride(0), gate_up.stride(0), h.stride(0),
-        BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n, BLOCK_K=256, num_warps=4, num_stages=4,
-    )
-    return h
+    h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    return gated_rows(x, gate_up[:n], gate_up[n:], h, config)
+
+
+def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, cand_col_norms_sq: torch.Tensor,
+                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """POP's whole decode step with the selection off the critical path: gate/up over the Candidate rows
+    first, then — while a side stream selects the k best Candidates from those activations — gate/up over
+    the Retained rows, then one down pass over the Retained + selected rows. Returns (h, float32 output).
+
+    `gate_up` is the stacked slice (R rows then C rows, gate then up); `index` (int32, n_keep) holds
+    ``arange(|R|)`` and receives the selected positions behind it. Fork/join between two streams: safe
+    inside a CUDA graph capture.
+    """
+    n = gate_up.shape[0] // 2
+    h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        select_candidates(h, cand_col_norms_sq, index, n_retained, k)
+    gated_rows(x, gate_up[:n_retained], gate_up[n : n + n_retained], h[:, :n_retained])
+    main.wait_stream(side)
+    h.record_stream(side)
+    return h, gathered_down(h, rows, index)
 
 
 def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
@@ -163,7 +204,8 @@ def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: t
                          BLOCK_C=block, num_warps=8)
 
 
-def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None):
+def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
+                  config: dict | None = None):
     """``h[:, index] @ rows[index]`` in float32 (tokens, hidden): down_proj over the indexed rows only.
 
     With `out` given, the product is *added* to it (so a step can run the Retained rows and the selected
@@ -175,9 +217,8 @@ def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out:
     if out is None:
         out = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
     block_b = max(16, triton.next_power_of_2(tokens))
-    block_n, block_k, k_per_prog = 128, 64, 512
-    grid = (triton.cdiv(hidden, block_n), triton.cdiv(index.numel(), k_per_prog))
+    cfg = {**DOWN_CONFIG, **(config or {})}
+    grid = (triton.cdiv(hidden, cfg["BLOCK_N"]), triton.cdiv(index.numel(), cfg["K_PER_PROG"]))
     _gathered_down_kernel[grid](h, rows, index, out, tokens, index.numel(), hidden, h.stride(0), rows.stride(0),
-                                out.stride(0), BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
-                                K_PER_PROG=k_per_prog, num_warps=4)
+                                out.stride(0), BLOCK_B=block_b, **cfg)
     return out

@@ -1,0 +1,119 @@
+"""Launch parameters of POP's Triton kernels: every configuration of a grid timed on the shapes POP's decode
+step runs (Llama-2-7B FFN: hidden 4096, d_ff 11008; the 20% and 40% targets; batch 1 and 10).
+
+gate/up (`gated_rows`): over the Retained + Candidate rows (8,266 / 4,977 rows), the Retained rows alone
+(7,166 / 3,877) and the Candidate rows alone (1,100). down (`gathered_down`): over the kept rows (7,717 /
+4,426). Each configuration is timed as a CUDA graph of 20 calls, median of 10 replays, CUDA events; the
+best configuration minimises the summed batch-1 time (batch 10 is reported beside it). Prints a table and
+writes JSON; the chosen values are what `prune/triton_pop.py` uses (GATED_CONFIG, DOWN_CONFIG).
+
+    python benchmarks/pop_gpu_tune.py --json results/pop_gpu_tune_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lfmsift.prune import triton_pop  # noqa: E402
+from lfmsift.results import write_json  # noqa: E402
+
+HIDDEN, D_FF = 4096, 11008
+GATE_ROWS = {"R+C 20%": 8266, "R 20%": 7166, "R+C 40%": 4977, "R 40%": 3877, "C": 1100}
+DOWN_ROWS = {"keep 20%": 7717, "keep 40%": 4426}
+
+
+def graph_time(fn, calls: int = 20, repeats: int = 10) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    w = torch.randn(2 * D_FF, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(D_FF, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02
+    xs = {b: torch.randn(b, HIDDEN, device=dev, dtype=torch.bfloat16) for b in (1, 10)}
+    hs = {b: torch.randn(b, D_FF, device=dev, dtype=torch.bfloat16) for b in (1, 10)}
+    outs = {b: torch.empty(b, D_FF, device=dev, dtype=torch.bfloat16) for b in (1, 10)}
+
+    gated = []
+    for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (128, 256, 512), (2, 4, 8), (2, 3, 4, 5)):
+        cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+        row = {"config": cfg, "seconds": {}}
+        try:
+            for b in (1, 10):
+                for name, m in GATE_ROWS.items():
+                    gate, up = w[:m], w[D_FF : D_FF + m]
+                    row["seconds"][f"{name} b{b}"] = graph_time(
+                        lambda gate=gate, up=up, b=b, m=m, cfg=cfg: triton_pop.gated_rows(xs[b], gate, up, outs[b][:, :m], cfg))
+        except Exception as exc:  # a configuration Triton cannot build (shared memory) is skipped
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        gated.append(row)
+    down_rows = []
+    for block_n, block_k, k_per, warps in itertools.product((64, 128, 256), (32, 64, 128), (256, 512, 1024), (4, 8)):
+        if k_per < block_k:
+            continue
+        cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "K_PER_PROG": k_per, "num_warps": warps}
+        row = {"config": cfg, "seconds": {}}
+        try:
+            for b in (1, 10):
+                for name, m in DOWN_ROWS.items():
+                    index = torch.randperm(D_FF, device=dev)[:m].to(torch.int32)
+                    row["seconds"][f"{name} b{b}"] = graph_time(
+                        lambda index=index, b=b, cfg=cfg: triton_pop.gathered_down(hs[b], down, index, None, cfg))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        down_rows.append(row)
+
+    def best(rows, shapes):
+        ok = [r for r in rows if "error" not in r]
+        return min(ok, key=lambda r: sum(r["seconds"][f"{s} b1"] for s in shapes))
+
+    chosen = {"gated": best(gated, GATE_ROWS), "down": best(down_rows, DOWN_ROWS)}
+    current = {"gated": triton_pop.GATED_CONFIG, "down": triton_pop.DOWN_CONFIG}
+    for kind, shapes, rows, elem in (("gated", GATE_ROWS, gated, 2 * HIDDEN * 2),
+                                     ("down", DOWN_ROWS, down_rows, HIDDEN * 2)):
+        cur = next((r for r in rows if r["config"] == current[kind] and "error" not in r), None)
+        print(f"\n{kind}: best {chosen[kind]['config']}  (current {current[kind]})")
+        for s, m in shapes.items():
+            for b in (1, 10):
+                t = chosen[kind]["seconds"][f"{s} b{b}"]
+                c = cur["seconds"][f"{s} b{b}"] if cur else float("nan")
+                print(f"  {s:10s} b{b:<3d} best {1e6 * t:7.1f} us ({m * elem / t / 1e12:.2f} TB/s)   "
+                      f"current {1e6 * c:7.1f} us")
+    if args.json:
+        write_json(args.json, {"task": "pop_gpu_tune", "device": torch.cuda.get_device_name(0),
+                               "chosen": {k: v["config"] for k, v in chosen.items()},
+                               "gated": gated, "down": down_rows}, command=["python", *sys.argv])
+
+
+if __name__ == "__main__":
+    main()
