@@ -1,7 +1,10 @@
 """Time each part of POP's Triton decode step on its own (CUDA graphs, events), to see where the step goes.
 
-Llama-2-7B FFN shapes, bf16, batch 1, the 20% and 40% targets: gate/up slice GEMV (fused SiLU), Candidate
-selection, gathered down GEMV, selection overlapped with the Retained rows' down pass, and the whole step; plus the dense FFN for scale.
+Llama-2-7B FFN shapes, bf16, batch 1, the 20% and 40% targets: gate/up slice GEMV (fused SiLU) over all
+of R + C, over the Candidate rows and over the Retained rows; Candidate selection; gathered down GEMV; the
+earlier schedule (selection beside the Retained rows' down pass, then a second down launch); the current
+one (`pop_decode_step`: Candidates' gate/up, selection beside the Retained rows' gate/up, one down
+launch); and the whole POP module; plus the dense FFN for scale.
 
     python benchmarks/pop_gpu_kernels.py --json results/pop_gpu_kernels_h100.json
 """
@@ -46,13 +49,18 @@ def main() -> None:
         side = torch.cuda.Stream()
         flat = x.reshape(1, -1)
         h = pop._gated(x).reshape(1, -1)
+        n, n_r, w = s.n_computed, s.n_retained, pop.w_gate_up
         parts = {
             "gate/up GEMV + SiLU": lambda x: triton_pop.gated_gemv(flat, pop.w_gate_up),
+            "gate/up, Candidate rows": lambda x: triton_pop.gated_rows(flat, w[n_r:n], w[n + n_r:], h[:, n_r:]),
+            "gate/up, Retained rows": lambda x: triton_pop.gated_rows(flat, w[:n_r], w[n:n + n_r], h[:, :n_r]),
             "select (top-k of C)": lambda x: triton_pop.select_candidates(h, pop.cand_col_norms_sq, pop.down_index,
                                                                          s.n_retained, s.k_select),
             "gathered down": lambda x: triton_pop.gathered_down(h, pop.w_down_rows, pop.down_index),
-            "select + down, overlapped": lambda x: triton_pop.select_and_down(
+            "earlier: select beside R down, 2nd down": lambda x: triton_pop.select_and_down(
                 h, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.n_retained, s.k_select, side),
+            "pop_decode_step": lambda x: triton_pop.pop_decode_step(
+                flat, w, n_r, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.k_select, side),
             "whole step": pop,
         }
         print(f"target {target}: |R| {s.n_retained}, |C| {s.n_candidates}, k {s.k_select}")

@@ -119,8 +119,8 @@ if triton is not None:
 
 
 # Launch parameters, chosen on an H100 by `benchmarks/pop_gpu_tune.py` (results/pop_gpu_tune_h100.json).
-GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
-DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 64, "K_PER_PROG": 512, "num_warps": 4}
+GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
+DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
