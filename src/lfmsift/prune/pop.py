@@ -272,12 +272,11 @@ class POPFFN(nn.Module):
                     self._side_stream = torch.cuda.Stream(x.device)
                 _, out = triton_pop.pop_decode_step(x.reshape(-1, hid).contiguous(), self.w_gate_up, n_r,
                                                     self.cand_col_norms_sq, self.w_down_rows, self.down_index, k,
-                                                    self._side_stream)
+                                                    self._side_stream, c.overlap_acc, s.n_keep - n_r)
                 out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
                 if self._down.bias is not None:
                     out = out + self._down.bias
-                c.overlap_fixed += n_r
-                c.overlap_acc.add_((self.down_index[n_r:] < s.n_keep).sum())  # slice order = prefill rank
+                c.overlap_fixed += n_r  # the selection kernel counted the chosen in the prefill top set
                 score_flops = 2 * tokens * s.n_candidates
             else:
                 sel = self._select(h[..., n_r:], self.cand_col_norms_sq, k) + n_r

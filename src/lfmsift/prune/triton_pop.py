@@ -40,7 +40,8 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _select_kernel(h_ptr, cn_ptr, idx_ptr, B, n_r, n_cand, k, stride_hb, BLOCK_C: tl.constexpr):
+    def _select_kernel(h_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hb,
+                       BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
         offs = tl.arange(0, BLOCK_C)
         cmask = offs < n_cand
         score = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -65,6 +66,8 @@ if triton is not None:
         sel = gt | (eq & (eq_rank <= k - n_gt))
         dest = tl.cumsum(sel.to(tl.int32), axis=0) - 1
         tl.store(idx_ptr + n_r + dest, n_r + offs, mask=sel)
+        if COUNT:  # how many of the selected were in the prefill's top set (the first n_top Candidates)
+            tl.atomic_add(cnt_ptr, tl.sum((sel & (offs < n_top)).to(tl.int64), axis=0))
 
     @triton.jit
     def _gathered_down_kernel(h_ptr, w_ptr, idx_ptr, out_ptr, B, K, N, stride_hb, stride_wk, stride_ob,
@@ -151,15 +154,15 @@ def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = Non
 
 
 def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, cand_col_norms_sq: torch.Tensor,
-                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream,
+                    overlap: torch.Tensor | None = None, n_top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """POP's whole decode step with the selection off the critical path: gate/up over the Candidate rows
     first, then — while a side stream selects the k best Candidates from those activations — gate/up over
     the Retained rows, then one down pass over the Retained + selected rows. Returns (h, float32 output).
 
     `gate_up` is the stacked slice (R rows then C rows, gate then up); `index` (int32, n_keep) holds
     ``arange(|R|)`` and receives the selected positions behind it. Fork/join between two streams: safe
-    inside a CUDA graph capture.
+    inside a CUDA graph capture. `overlap` / `n_top`: see `select_candidates`.
     """
     n = gate_up.shape[0] // 2
     h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
@@ -167,7 +170,7 @@ def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, can
     main = torch.cuda.current_stream(x.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        select_candidates(h, cand_col_norms_sq, index, n_retained, k)
+        select_candidates(h, cand_col_norms_sq, index, n_retained, k, overlap, n_top)
     gated_rows(x, gate_up[:n_retained], gate_up[n : n + n_retained], h[:, :n_retained])
     main.wait_stream(side)
     h.record_stream(side)
@@ -193,15 +196,19 @@ def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torc
     return gathered_down(h, rows, index[n_retained:], out)
 
 
-def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int):
+def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int,
+                      overlap: torch.Tensor | None = None, n_top: int = 0):
     """Write the positions (in the slice) of the k best Candidates into ``index[n_retained:]``.
 
-    `h` is (tokens, |R u C|) with R first; `index` (int32, n_keep) already holds ``arange(|R|)``.
+    `h` is (tokens, |R u C|) with R first; `index` (int32, n_keep) already holds ``arange(|R|)``. With
+    `overlap` (an int64 scalar tensor), add to it how many of the chosen are among the first `n_top`
+    Candidates (those in the prefill's top set: Candidates are ordered by prefill rank).
     """
     n_cand = cand_col_norms_sq.numel()
     block = max(16, triton.next_power_of_2(n_cand))
-    _select_kernel[(1,)](h, cand_col_norms_sq, index, h.shape[0], n_retained, n_cand, k, h.stride(0),
-                         BLOCK_C=block, num_warps=8)
+    counter = overlap if overlap is not None else index
+    _select_kernel[(1,)](h, cand_col_norms_sq, index, counter, h.shape[0], n_retained, n_cand, k, n_top, h.stride(0),
+                         BLOCK_C=block, COUNT=overlap is not None, num_warps=8)
 
 
 def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
