@@ -69,6 +69,7 @@ def test_triton_decode_equals_torch_decode(batch, dtype):
     mlp, view = _mlp(256, 1000, dtype)
     fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
     slow = POPFFN(view, 0.3, 0.05, "pop", kernels="torch")
+    counted = 0
     with torch.no_grad():
         for step in range(3):
             prompt = torch.randn(batch, 17, 256, device="cuda", dtype=dtype)
@@ -80,10 +81,11 @@ def test_triton_decode_equals_torch_decode(batch, dtype):
                 expected = fast._select(fast._gated(x)[..., s.n_retained:], fast.cand_col_norms_sq, s.k_select)
                 chosen = fast.down_index[s.n_retained:].long() - s.n_retained
                 assert torch.equal(torch.sort(chosen).values, torch.sort(expected).values)  # the same channels
+                counted += int((chosen < s.n_keep - s.n_retained).sum())
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         # the selection kernel's own count of chosen channels that were in the prefill top set
-        assert int(fast.counters.overlap_acc) == int(slow.counters.overlap_acc) > 0
+        assert int(fast.counters.overlap_acc) == counted > 0
 
 
 def test_select_breaks_ties_by_position_and_keeps_exactly_k():
