@@ -209,6 +209,12 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def series(run: dict) -> str:
+    """The line a run belongs to in the figure: the retriever, and ReSV's score reading when not raw."""
+    mode = run["options"].get("score_mode")
+    return run["retriever"] + (f" ({mode})" if mode and mode != "raw" else "")
+
+
 def figure(doc: dict, path: str | Path) -> Path:
     """Quality against the fetched ratio (frame stage and text stage), every run of every retriever."""
     import matplotlib
@@ -218,12 +224,12 @@ def figure(doc: dict, path: str | Path) -> Path:
 
     tasks = [t for t in TASKS if any(r["task"] == t for r in doc["runs"].values())]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.6 * len(tasks)), squeeze=False)
-    names = sorted({r["retriever"] for r in doc["runs"].values()})
+    names = sorted({series(r) for r in doc["runs"].values()})
     colors = {n: matplotlib.colormaps["tab10"](i % 10) for i, n in enumerate(names)}
     for row, task in zip(axes, tasks):
         key, label, _ = QUALITY[task]
         for n in names:
-            runs = sorted((r for r in doc["runs"].values() if r["task"] == task and r["retriever"] == n),
+            runs = sorted((r for r in doc["runs"].values() if r["task"] == task and series(r) == n),
                           key=lambda r: r["text_ratio"] or 0)
             if not runs:
                 continue
@@ -258,12 +264,13 @@ def heatmap(doc: dict, path: str | Path) -> Path:
 
     task_order = {t: i for i, t in enumerate(("video", "recall", "needle"))}
     chosen: dict[str, tuple[dict, str]] = {}
-    for r in sorted(doc["runs"].values(), key=lambda r: task_order[r["task"]]):
-        if not r["default"] or r["retriever"] == "full" or r["retriever"] in chosen:
+    for r in sorted(doc["runs"].values(), key=lambda r: (task_order[r["task"]], str(sorted(r["options"].items())))):
+        name = series(r)  # defaults, and ReSV under each other score reading (its smallest ratio)
+        if r["retriever"] == "full" or name in chosen or (not r["default"] and name == r["retriever"]):
             continue
         stage = "frame" if (r["frame_ratio"] or 1.0) < 1.0 else "text"
         if r.get(f"{stage}_layers"):
-            chosen[r["retriever"]] = (r, stage)
+            chosen[name] = (r, stage)
     if not chosen:
         raise ValueError("no per-layer ratios to draw")
     fig, axes = plt.subplots(1, len(chosen), figsize=(2.3 * len(chosen) + 1.5, 5.5), squeeze=False)
@@ -271,12 +278,14 @@ def heatmap(doc: dict, path: str | Path) -> Path:
         layers = r[f"{stage}_layers"]
         grid = np.array([layers[k] for k in sorted(layers, key=int)]) * 100
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
-        ax.set_title(f"{name}\n{r['task']}, {stage} stage\nmean {np.mean(grid):.1f}%", fontsize=8)
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "score_mode")
+        ax.set_title(f"{name}\n{opts}\n{r['task']}, {stage} stage\nmean {np.mean(grid):.1f}%", fontsize=7)
         ax.set_xlabel("KV head")
         ax.set_xticks(range(grid.shape[1]))
     axes[0][0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes[0].tolist(), label="retrieval ratio (%)")
-    fig.suptitle(f"{doc['model']}: tokens fetched per layer and KV head (cf. V-Rex Fig. 20)")
+    fig.suptitle(f"{doc['model']}: tokens fetched per layer and KV head (cf. V-Rex Fig. 20)", y=0.99)
+    fig.subplots_adjust(top=0.8, right=0.9, wspace=0.35)
+    fig.colorbar(im, cax=fig.add_axes([0.92, 0.12, 0.012, 0.66]), label="retrieval ratio (%)")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
