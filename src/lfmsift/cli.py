@@ -340,7 +340,8 @@ def stream(
     ask: list[str] = typer.Option([], "--ask", help="Question asked after the stream (repeat for follow-ups)."),
     model: str = typer.Option("smolvlm-smollm2-135m",
                               help="Named model, local HF directory or hub id (a VLM for video, any LM for text)."),
-    retriever: str = typer.Option("resv", help="KV retriever: resv or full."),
+    retriever: str = typer.Option("resv", help="KV retriever: full, resv, rekv, infinigen, infinigen_p, quest or "
+                                               "streamingllm (their defaults; --ratio / --buckets set ReSV's)."),
     selection: str = typer.Option("same_layer", help="same_layer or previous_layer (V-Rex's prefetch)."),
     ratio: float = typer.Option(0.3, help="ReSV WiCSum ratio."),
     buckets: Optional[int] = typer.Option(None, help="ReSV: bucketed early-exit WiCSum with this many buckets."),
