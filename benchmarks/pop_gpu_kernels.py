@@ -29,16 +29,6 @@ from lfmsift.prune.pop import POPFFN  # noqa: E402
 from lfmsift.results import write_json  # noqa: E402
 
 
-def candidates_on_side(*args):
-    """`pop_decode_step` with the Candidate rows' gate/up moved to the side stream (the other schedule)."""
-    before = triton_pop.CANDIDATES_ON_SIDE
-    triton_pop.CANDIDATES_ON_SIDE = not before
-    try:
-        return triton_pop.pop_decode_step(*args)
-    finally:
-        triton_pop.CANDIDATES_ON_SIDE = before
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="results/pop_gpu_kernels.json")
@@ -70,8 +60,6 @@ def main() -> None:
             "earlier: select beside R down, 2nd down": lambda x: triton_pop.select_and_down(
                 h, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.n_retained, s.k_select, side),
             "pop_decode_step": lambda x: triton_pop.pop_decode_step(
-                flat, w, n_r, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.k_select, side),
-            "pop_decode_step, C " + ("on main" if triton_pop.CANDIDATES_ON_SIDE else "on side"): lambda x: candidates_on_side(
                 flat, w, n_r, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.k_select, side),
             "whole step": pop,
         }

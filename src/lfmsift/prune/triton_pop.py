@@ -124,9 +124,6 @@ if triton is not None:
 # Launch parameters, chosen on an H100 by `benchmarks/pop_gpu_tune.py` (results/pop_gpu_tune_h100.json).
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
-# Whether the Candidate rows' gate/up runs on the side stream with the selection (beside the Retained rows'
-# gate/up) rather than before it on the main stream; measured by `benchmarks/pop_gpu_kernels.py`.
-CANDIDATES_ON_SIDE = False
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
@@ -169,18 +166,14 @@ def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, can
     """
     n = gate_up.shape[0] // 2
     h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
     main = torch.cuda.current_stream(x.device)
-    if not CANDIDATES_ON_SIDE:
-        gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        if CANDIDATES_ON_SIDE:  # the Candidates' gate/up too runs beside the Retained rows' gate/up
-            gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
         select_candidates(h, cand_col_norms_sq, index, n_retained, k, overlap, n_top)
     gated_rows(x, gate_up[:n_retained], gate_up[n : n + n_retained], h[:, :n_retained])
     main.wait_stream(side)
     h.record_stream(side)
-    x.record_stream(side)
     return h, gathered_down(h, rows, index)
 
 
