@@ -44,3 +44,14 @@ def write_json(path: str | Path, payload: dict[str, Any], command: list[str] | N
     }
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to `path` (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

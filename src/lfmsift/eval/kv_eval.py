@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lfmsift.kv.retriever import get_retriever
+from lfmsift.results import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +248,7 @@ def figure(doc: dict, path: str | Path) -> Path:
         row[0].legend(fontsize=7)
     fig.suptitle(f"{doc['model']}: quality against fetched tokens (lfmsift kv-eval)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def heatmap(doc: dict, path: str | Path) -> Path:
@@ -286,10 +284,7 @@ def heatmap(doc: dict, path: str | Path) -> Path:
     fig.suptitle(f"{doc['model']}: tokens fetched per layer and KV head (cf. V-Rex Fig. 20)", y=0.99)
     fig.subplots_adjust(top=0.8, right=0.9, wspace=0.35)
     fig.colorbar(im, cax=fig.add_axes([0.92, 0.12, 0.012, 0.66]), label="retrieval ratio (%)")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_reports(doc: dict, out: str | Path) -> dict[str, Path]:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from lfmsift.eval.harness import TASK_KINDS
+from lfmsift.results import save_figure
 
 QA_KIND = "choice"
 LABELS = {
@@ -124,11 +125,7 @@ def figures(doc: dict, path: str | Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(doc["header"]["model"], fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _metric(cells, method, target, task, key):

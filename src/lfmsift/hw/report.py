@@ -15,6 +15,7 @@ from lfmsift.hw.energy import gops_per_watt, step_energy
 from lfmsift.hw.sim import DEFAULT_CALIBRATION, Calibration, Scenario, StepReport, simulate
 from lfmsift.hw.specs import BASELINE_GPU, get_platform
 from lfmsift.hw.trace import Trace
+from lfmsift.results import save_figure
 
 
 def parse_caches(text: str) -> list[int]:
@@ -133,11 +134,7 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
     _stacked(axes[5], rows, "energy_breakdown_mj", f"{label}: energy per unit (mJ)")
     fig.suptitle(f"{label}, batch {first['batch']}, {first['stage']} stage (lfmsift.hw simulator)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 SENSITIVITY_SYSTEMS = (("vrex8", "resv"), ("agx_orin", "flexgen"), ("agx_orin", "resv"), ("agx_orin", "rekv"),
@@ -179,9 +176,5 @@ def plot_sensitivity(data: dict, path: str | Path) -> Path:
           title=f"FPS against the retrieval ratio ({data['ratio_cache'] // 1024}K cache)")
     b.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
