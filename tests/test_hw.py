@@ -135,6 +135,8 @@ def test_kvmu_runs_beat_scatter_and_ratios_shrink_fetches():
     assert full.latency_s > kvmu.latency_s
     with pytest.raises(ValueError):
         simulate(Scenario("vrex8", "resv", 40960, frame_ratio=1.5))
+    with pytest.raises(ValueError, match="fetches everything"):
+        Scenario("vrex8", "flexgen", 40960, frame_ratio=0.5)
 
 
 def test_a_stage_without_selection_streams_whole_layers():

@@ -15,7 +15,7 @@ How the fetched tokens lie in the offload target decides how many requests a fet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 Run = Literal["layer", "frame", "cluster", "token"]
@@ -40,12 +40,6 @@ class Method:
 
     def predicts(self, stage: str) -> bool:
         return self.predictor != "none" and self.ratio(stage) is not None
-
-    def with_ratios(self, frame: float | None, text: float | None) -> Method:
-        for r in (frame, text):
-            if r is not None and not 0.0 < r <= 1.0:
-                raise ValueError(f"retrieval ratios must be in (0, 1], got {r}")
-        return replace(self, frame_ratio=frame, text_ratio=text)
 
 
 METHODS: dict[str, Method] = {

@@ -100,6 +100,11 @@ class Scenario:
         platform, method = get_platform(self.platform), get_method(self.method)
         if platform.kind == "vrex" and method.name not in ("resv", "flexgen"):
             raise ValueError(f"{platform.name} runs ReSV (or a full fetch); {method.name} runs on the GPUs")
+        for r in (self.frame_ratio, self.text_ratio):
+            if r is not None and not 0.0 < r <= 1.0:
+                raise ValueError(f"retrieval ratios must be in (0, 1], got {r}")
+            if r is not None and method.predictor == "none":
+                raise ValueError(f"{method.name} fetches everything; a retrieval ratio needs a selecting method")
 
     @property
     def rows(self) -> int:
@@ -178,10 +183,9 @@ class _Plan:
         self.platform = p = get_platform(s.platform)
         self.method = m = get_method(s.method)
         self.gpu = p.kind == "gpu"
-        self.ratio = method_ratio(m, s.stage, s.cache, calib)
         override = s.frame_ratio if s.stage == "frame" else s.text_ratio
-        if override is not None:  # a measured ratio (a trace) is taken as it is
-            self.ratio = m.with_ratios(override, None).frame_ratio
+        # a measured ratio (a trace) is taken as it is; otherwise the method's, at this cache length
+        self.ratio = override if override is not None else method_ratio(m, s.stage, s.cache, calib)
         self.peak = p.peak_flops
         self.util = calib.gpu_utilization if self.gpu else calib.lxe_utilization
         self.eff = calib.gpu_dram_efficiency if self.gpu else calib.lxe_dram_efficiency
@@ -190,7 +194,7 @@ class _Plan:
         self.run = m.run if not (m.run == "cluster" and (self.gpu or not s.kvmu)) else "token"
         if self.ratio is None:  # no selection in this stage: the offloaded part streams whole
             self.run = "layer"
-        self.predicts = m.predicts(s.stage) or (override is not None and m.predictor != "none")
+        self.predicts = m.predicts(s.stage) or override is not None
         window = calib.resident_window if m.windowed else 0
         self.offloaded = max(s.cache - window, 0)
         self.resident = s.cache - self.offloaded
