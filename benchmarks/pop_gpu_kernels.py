@@ -59,10 +59,8 @@ def main() -> None:
             "gathered down": lambda x: triton_pop.gathered_down(h, pop.w_down_rows, pop.down_index),
             "earlier: select beside R down, 2nd down": lambda x: triton_pop.select_and_down(
                 h, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.n_retained, s.k_select, side),
-            "pop_decode_step, side stream": lambda x: triton_pop.pop_decode_step(
+            "pop_decode_step": lambda x: triton_pop.pop_decode_step(
                 flat, w, n_r, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.k_select, side),
-            "pop_decode_step, one launch": lambda x: triton_pop.pop_decode_step(
-                flat, w, n_r, pop.cand_col_norms_sq, pop.w_down_rows, pop.down_index, s.k_select, None),
             "whole step": pop,
         }
         print(f"target {target}: |R| {s.n_retained}, |C| {s.n_candidates}, k {s.k_select}")

@@ -42,11 +42,6 @@ if triton is not None:
     @triton.jit
     def _select_kernel(h_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hb,
                        BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
-        _select_body(h_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hb, BLOCK_C, COUNT)
-
-    @triton.jit
-    def _select_body(h_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hb,
-                     BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
         offs = tl.arange(0, BLOCK_C)
         cmask = offs < n_cand
         score = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -104,26 +99,7 @@ if triton is not None:
     @triton.jit
     def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
                            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        _gated_body(tl.program_id(0), x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                    BLOCK_B, BLOCK_N, BLOCK_K)
-
-    @triton.jit
-    def _gated_select_kernel(x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                             hs_ptr, cn_ptr, idx_ptr, cnt_ptr, n_r, n_cand, k, n_top, stride_hsb,
-                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
-        # program 0 selects the Candidates (their activations are already in `hs`) while the others run
-        # gate/up over the Retained rows: one launch, no second stream
         pid = tl.program_id(0)
-        if pid == 0:
-            _select_body(hs_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hsb, BLOCK_C, COUNT)
-        else:
-            _gated_body(pid - 1, x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                        BLOCK_B, BLOCK_N, BLOCK_K)
-
-    @triton.jit
-    def _gated_body(pid, x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         nmask = offs_n < n
@@ -178,33 +154,19 @@ def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = Non
 
 
 def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, cand_col_norms_sq: torch.Tensor,
-                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream | None = None,
+                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream,
                     overlap: torch.Tensor | None = None, n_top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """POP's whole decode step with the selection off the critical path: gate/up over the Candidate rows
-    first; then gate/up over the Retained rows with the selection of the k best Candidates beside it — in one
-    launch whose first program selects (``side=None``), or on a side stream (fork/join, also safe inside a
-    CUDA graph capture); then one down pass over the Retained + selected rows. Returns (h, float32 output).
+    first, then — while a side stream selects the k best Candidates from those activations — gate/up over
+    the Retained rows, then one down pass over the Retained + selected rows. Returns (h, float32 output).
 
     `gate_up` is the stacked slice (R rows then C rows, gate then up); `index` (int32, n_keep) holds
-    ``arange(|R|)`` and receives the selected positions behind it. `overlap` / `n_top`: see
-    `select_candidates`.
+    ``arange(|R|)`` and receives the selected positions behind it. Fork/join between two streams: safe
+    inside a CUDA graph capture. `overlap` / `n_top`: see `select_candidates`.
     """
     n = gate_up.shape[0] // 2
-    tokens = x.shape[0]
-    h = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
-    if side is None:
-        cfg = dict(GATED_CONFIG)
-        block_n = cfg.pop("BLOCK_N")
-        n_cand = cand_col_norms_sq.numel()
-        counter = overlap if overlap is not None else index
-        _gated_select_kernel[(1 + triton.cdiv(n_retained, block_n),)](
-            x, gate_up, gate_up[n:], h, tokens, n_retained, x.shape[1], x.stride(0), gate_up.stride(0), h.stride(0),
-            h, cand_col_norms_sq, index, counter, n_retained, n_cand, k, n_top, h.stride(0),
-            BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n,
-            BLOCK_C=max(16, triton.next_power_of_2(n_cand)), COUNT=overlap is not None, **cfg,
-        )
-        return h, gathered_down(h, rows, index)
     main = torch.cuda.current_stream(x.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
