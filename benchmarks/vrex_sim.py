@@ -39,6 +39,23 @@ def ablation(calib) -> list[dict]:
     return rows
 
 
+def dpe_per_operation(calib) -> list[dict]:
+    """V-Rex48 batch-8 frame efficiency under the shipped DPE reading (its power while it works) and under
+    the per-operation one (its power x FLOPs / peak), with the step's energy split."""
+    from lfmsift.hw.specs import get_platform
+
+    p = get_platform("vrex48")
+    watts = sum(p.core.blocks[b].power_mw for b in ("dpe", "vpe")) * 1e-3 * p.cores
+    rows = []
+    for cache in (1024, 40960):
+        r = simulate(Scenario("vrex48", "resv", cache, 8), calib)
+        e = step_energy(r, calib)
+        per_op = e["total"] - e["dpe"] - e["vpe"] + watts * r.flops / p.peak_flops
+        rows.append({"cache": cache, "energy_j": e, "tops_per_w_busy": r.dense_flops / e["total"] / 1e12,
+                     "tops_per_w_per_operation": r.dense_flops / per_op / 1e12})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "results" / "vrex_sim.json"))
@@ -69,6 +86,11 @@ def main() -> None:
     for r in fig16:
         print(f"  {r['system']:12s} {r['latency_ms']:8.1f} ms  speedup {r['speedup']:5.2f}x  "
               f"energy {r['energy_reduction']:5.2f}x  prediction {r['prediction_share']:.0%}")
+    dpe = dpe_per_operation(calib)
+    for r in dpe:
+        print(f"V-Rex48 b8 {r['cache'] // 1024}K: {r['tops_per_w_busy']:.2f} TOPS/W (DPE while working), "
+              f"{r['tops_per_w_per_operation']:.2f} (DPE per operation); PCIe {r['energy_j']['pcie']:.1f} of "
+              f"{r['energy_j']['total']:.1f} J")
     sens = sensitivity(calib)
     plot_sensitivity(sens, out.with_name(f"{out.stem}_sensitivity.png"))
     trace = load_trace(args.trace)
@@ -80,7 +102,8 @@ def main() -> None:
                                          for r in rows))
     write_json(out, {
         "task": "vrex_sim", "seconds": round(time.time() - t0, 1), "fitted": not args.skip_fit,
-        "knobs": knobs, "points": points, "sweeps": sweeps, "fig16": fig16, "sensitivity": sens,
+        "knobs": knobs, "points": points, "sweeps": sweeps, "fig16": fig16, "dpe_per_operation": dpe,
+        "sensitivity": sens,
         "trace": {"source": trace.source, "frame_ratio": trace.frame_ratio, "text_ratio": trace.text_ratio,
                   "tokens_per_cluster": trace.tokens_per_cluster, "sweeps": traced},
     }, command=["python", *sys.argv])

@@ -130,7 +130,8 @@ def needle_trials(tokenizer, text: str, lengths: list[int], depths: list[float],
 
 def run_needle(model, tokenizer, retriever: Retriever, trials: list[NeedleTrial], max_new_tokens: int = 6,
                budget=None) -> dict:
-    """Success rate of the trials; the retrieval ratios are averaged over them."""
+    """Success rate of the trials; the stage retrieval ratios are averaged over them, the per-layer ones are
+    the last trial's (the longest stream when lengths are given in increasing order)."""
     results = []
     frame = text = 0.0
     layers: dict = {}
