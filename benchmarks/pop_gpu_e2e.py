@@ -1,15 +1,16 @@
 """POP end to end on a GPU: whole decode steps of Llama-2-7B / Llama-3.1-8B, the paper's Table 5 protocol.
 
 Random-weight models built from the real configs (bf16; weights do not change latency), batch 1 and 10,
-128 prompt tokens + 128 generated tokens. The prompt is prefilled eagerly (POP partitions there); then one
-greedy decode step — the whole model, its static KV cache, the argmax and the position update — is
-captured in a CUDA graph and replayed 128 times, which *is* the 128-token greedy decode (each replay feeds
-the token the previous one chose). Timed with CUDA events, median of `--repeats`, side by side with the
-dense model in the same run. Also timed: every layer's FFN module alone for one decode step (a graph of the
-32 FFN calls on a static input), so the step splits into FFN time and the rest (attention, norms, LM head;
-derived as step - FFN), and the prefill (its POP overhead is the per-prompt cost of partitioning and
-building slices). Methods: dense, static (Variant 1, the speed upper bound), pop, reselect at the 20% and
-40% model-level targets.
+128 prompt tokens + 128 generated tokens, greedy, with `lfmsift.models.fast_decode.GraphDecoder`: the
+prompt is prefilled eagerly (POP partitions there), then one decode step — the whole model, its static KV
+cache, the argmax and the position update — is captured in a CUDA graph and replayed 127 times. Timed with
+CUDA events, median of `--repeats`, side by side with the dense model in the same run. Two decode steps:
+``hf`` (transformers' layers as they are) and ``compiled`` (`compile_decode_layers`: each layer's decode
+forward compiled by inductor with the FFN module left out, so the FFN method runs as in ``hf`` and only
+the non-FFN overhead shrinks). Also timed: every layer's FFN module alone for one decode step (a graph of
+the 32 FFN calls on a static input), so the step splits into FFN time and the rest (attention, norms, LM
+head; derived as step - FFN), and the prefill (its POP overhead is the per-prompt cost of partitioning).
+Methods: dense, static (Variant 1, the speed upper bound), pop, reselect at the 20% and 40% targets.
 
     python benchmarks/pop_gpu_e2e.py --json results/pop_gpu_e2e_h100.json
 """
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from lfmsift.models.fast_decode import GraphDecoder, compile_decode_layers
 from lfmsift.prune import apply
 from lfmsift.results import write_json
 
@@ -84,48 +86,21 @@ def capture(fn):
 
 @torch.no_grad()
 def measure(model, prompt: torch.Tensor, steps: int, repeats: int) -> dict:
-    from transformers import StaticCache
-
     batch, length = prompt.shape
-    cache = StaticCache(config=model.config, max_cache_len=length + steps + 4)
+    decoder = GraphDecoder(model, max_cache_len=length + steps + 4, batch=batch)
     out = {}
-    first = None
-
-    def prefill():
-        nonlocal first
-        cache.reset()
-        first = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-
-    prefill()  # warm-up (kernels compiled, allocations made)
-    out["prefill_s"] = statistics.median(events_time(prefill) for _ in range(3))
-    ids = first.clone()
-    pos = torch.tensor([length], device=prompt.device, dtype=torch.long)
-
-    def step():
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
-        ids.copy_(logits[:, -1:].argmax(-1))
-        pos.add_(1)
-
-    # Newer transformers keep each static layer's write position in a device tensor the graph advances;
-    # rewind it with the position before every replayed decode.
-    counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])
-                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
-    graph = capture(step)
-
-    def decode():
-        for _ in range(steps):
-            graph.replay()
-
-    times = []
+    decoder.prefill(prompt)  # warm-up (kernels compiled, allocations made)
+    out["prefill_s"] = statistics.median(events_time(lambda: decoder.prefill(prompt)) for _ in range(5))
+    decoder.prefill(prompt)
+    decoder.decode(steps - 1)  # captures the step's graph (and compiles it when the layers are compiled)
+    times, tokens = [], None
     for _ in range(repeats):
-        ids.copy_(first)
-        pos.fill_(length)
-        for counter in counters:
-            counter.fill_(length)
-        times.append(events_time(decode))
+        decoder.prefill(prompt)
+        times.append(events_time(lambda: decoder.decode(steps - 1)))
+        tokens = decoder.tokens[:, length : length + steps]
     out["decode_s"] = statistics.median(times)
-    out["step_s"] = out["decode_s"] / steps
-    out["tokens"] = ids.flatten().tolist()[:4]
+    out["step_s"] = out["decode_s"] / (steps - 1)
+    out["tokens"] = tokens.flatten().tolist()[:4]
 
     hidden = model.config.hidden_size
     xs = [torch.randn(batch, 1, hidden, device=prompt.device, dtype=torch.bfloat16) * 0.5
@@ -150,6 +125,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", default="hf,compiled", help="hf and/or compiled (see the docstring)")
+    parser.add_argument("--methods", default=",".join(f"{m}:{t}" if t else m for m, t in METHODS))
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -160,12 +138,15 @@ def main() -> None:
         t0 = time.time()
         model = build(name, device)
         print(f"{name}: built in {time.time() - t0:.0f} s", flush=True)
-        for batch in (int(b) for b in args.batches.split(",")):
+        methods = [(m, float(t) if t else None) for m, _, t in (x.partition(":") for x in args.methods.split(","))]
+        for kind, batch in ((k, int(b)) for k in args.decode_steps.split(",") for b in args.batches.split(",")):
+            compiled = compile_decode_layers(model, mode=args.compile_mode) if kind == "compiled" else None
             gen = torch.Generator(device="cpu").manual_seed(batch)
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=gen).to(device)
             dense = None
-            for method, target in METHODS:
-                row = {"model": name, "batch": batch, "method": method, "target": target}
+            for method, target in methods:
+                row = {"model": name, "decode_step": kind, "batch": batch, "method": method, "target": target}
+                t0 = time.time()
                 handle = None
                 try:
                     if method != "dense":
@@ -183,20 +164,25 @@ def main() -> None:
                     for key in ("step_s", "ffn_step_s", "rest_step_s", "end_to_end_s", "decode_s"):
                         row[f"{key[:-2]}_speedup"] = dense[key] / row[key]
                     row["prefill_overhead_s"] = row["prefill_s"] - dense["prefill_s"]
+                row["wall_s"] = time.time() - t0
                 rows.append(row)
                 if "error" in row:
-                    print(f"{name} b{batch} {method:8s} {target}: {row['error']}", flush=True)
+                    print(f"{name} {kind} b{batch} {method:8s} {target}: {row['error']}", flush=True)
                 else:
-                    print(f"{name} b{batch} {method:8s} {target!s:4s} step {1e3 * row['step_s']:7.3f} ms "
+                    print(f"{name} {kind:8s} b{batch} {method:8s} {target!s:4s} step {1e3 * row['step_s']:7.3f} ms "
                           f"(x{row.get('step_speedup', 1):.2f})  ffn {1e3 * row['ffn_step_s']:6.3f} ms "
                           f"(x{row.get('ffn_step_speedup', 1):.2f})  rest {1e3 * row['rest_step_s']:6.3f} ms  "
                           f"e2e {row['end_to_end_s']:.3f} s (x{row.get('end_to_end_speedup', 1):.2f})  "
-                          f"prefill {1e3 * row['prefill_s']:.1f} ms", flush=True)
+                          f"prefill {1e3 * row['prefill_s']:.1f} ms  ({row['wall_s']:.0f} s)", flush=True)
+            if compiled is not None:
+                compiled.remove()
+                torch._dynamo.reset()
         del model
         torch.cuda.empty_cache()
     if args.json:
         write_json(args.json, {"task": "pop_gpu_e2e", "device": torch.cuda.get_device_name(0),
-                               "prompt_tokens": args.prompt, "new_tokens": args.steps, "rows": rows},
+                               "prompt_tokens": args.prompt, "new_tokens": args.steps,
+                               "compile_mode": args.compile_mode, "rows": rows},
                    command=["python", *sys.argv])
 
 

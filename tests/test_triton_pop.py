@@ -27,7 +27,7 @@ def _mlp(hidden, d_ff, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_triton_decode_equals_torch_decode(batch, dtype):
     torch.manual_seed(batch)
-    mlp, view = _mlp(256, 1000, dtype)
+    _, view = _mlp(256, 1000, dtype)
     fast = POPFFN(view, 0.3, 0.0, "static", kernels="auto")
     slow = POPFFN(view, 0.3, 0.0, "static", kernels="torch")
     tol = 2e-3 if dtype == torch.float32 else 2e-2
@@ -66,7 +66,7 @@ def test_gated_rows_into_a_column_range_of_a_buffer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_equals_torch_decode(batch, dtype):
     torch.manual_seed(batch)
-    mlp, view = _mlp(256, 1000, dtype)
+    _, view = _mlp(256, 1000, dtype)
     fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
     slow = POPFFN(view, 0.3, 0.05, "pop", kernels="torch")
     counted = 0
@@ -74,18 +74,65 @@ def test_triton_decode_equals_torch_decode(batch, dtype):
         for step in range(3):
             prompt = torch.randn(batch, 17, 256, device="cuda", dtype=dtype)
             torch.testing.assert_close(fast(prompt), slow(prompt))
+            assert fast.w_gate_up is None  # no weight copy
+            chan = fast.chan.long()
+            s = fast.sizes
+            assert set(chan[: s.n_retained].tolist()) == set(slow.partition.retained.tolist())
+            assert set(chan[s.n_retained:].tolist()) == set(slow.partition.candidates.tolist())
             for _ in range(4):
                 x = torch.randn(batch, 1, 256, device="cuda", dtype=dtype)
                 a, b = fast(x), slow(x)
-                s = fast.sizes
-                expected = fast._select(fast._gated(x)[..., s.n_retained:], fast.cand_col_norms_sq, s.k_select)
-                chosen = fast.down_index[s.n_retained:].long() - s.n_retained
+                # the same rule on the kernel's own activations: the k best Candidates, as channels
+                h = torch.empty((batch, chan.numel()), device="cuda", dtype=dtype)
+                triton_pop.gated_rows(x.reshape(batch, -1), view.gate_proj.weight, view.up_proj.weight, h, chan=fast.chan)
+                expected = chan[s.n_retained + fast._select(h[:, s.n_retained:], fast.cand_col_norms_sq, s.k_select)]
+                chosen_pos = fast.down_index[s.n_retained:].long()
+                chosen = fast.down_rows[s.n_retained:].long()
+                assert torch.equal(chan[chosen_pos], chosen)  # rows written beside positions
                 assert torch.equal(torch.sort(chosen).values, torch.sort(expected).values)  # the same channels
-                counted += int((chosen < s.n_keep - s.n_retained).sum())
+                rank = torch.empty_like(fast.partition.order)
+                rank[fast.partition.order] = torch.arange(s.d_ff, device="cuda")
+                counted += int((rank[chosen] < s.n_keep).sum())
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            assert not fast.down_acc.acc.any() and not fast.down_acc.tickets.any()  # left clean for the next step
         # the selection kernel's own count of chosen channels that were in the prefill top set
         assert int(fast.counters.overlap_acc) == counted > 0
+
+
+def test_long_decode_step_falls_back_to_slices():
+    """A decode forward of more than 64 tokens takes PyTorch's matmuls over slices built on demand."""
+    torch.manual_seed(3)
+    _, view = _mlp(256, 1000, torch.float32)
+    fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
+    slow = POPFFN(view, 0.3, 0.05, "pop", kernels="torch")
+    with torch.no_grad():
+        prompt = torch.randn(1, 17, 256, device="cuda")
+        fast(prompt), slow(prompt)
+        x = torch.randn(70, 1, 256, device="cuda")
+        torch.testing.assert_close(fast(x), slow(x))
+        assert fast.w_gate_up is not None
+
+
+def test_gate_up_and_down_read_weight_rows_in_place_through_an_index():
+    torch.manual_seed(2)
+    tokens, hidden, d_ff = 3, 512, 900
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    g, u, d_t = (torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(3))
+    chan = torch.randperm(d_ff, device="cuda")[:400].to(torch.int32)
+    h = torch.full((tokens, 400), float("nan"), device="cuda", dtype=torch.bfloat16)  # poisoned: all written
+    triton_pop.gated_rows(x, g, u, h, chan=chan)
+    c = chan.long()
+    ref = torch.nn.functional.silu(x.float() @ g[c].float().T) * (x.float() @ u[c].float().T)
+    assert float((h.float() - ref).norm() / ref.norm()) < 1e-2
+    index = torch.randperm(400, device="cuda")[:300].to(torch.int32)
+    acc = triton_pop.DownAccumulator.for_shape(None, tokens, hidden, torch.device("cuda"))
+    ref_down = h.float()[:, index.long()] @ d_t[c[index.long()]].float()
+    for _ in range(3):  # the accumulator is reused: each call must start from zero
+        out = triton_pop.gathered_down(h, d_t, index, rows=chan[index.long()], acc=acc)
+        assert out.dtype == torch.bfloat16
+        assert float((out.float() - ref_down).norm() / ref_down.norm()) < 1e-2
+    assert not acc.acc.any() and not acc.tickets.any()
 
 
 def test_select_breaks_ties_by_position_and_keeps_exactly_k():
@@ -94,3 +141,21 @@ def test_select_breaks_ties_by_position_and_keeps_exactly_k():
     index = torch.arange(6, dtype=torch.int32, device="cuda")
     triton_pop.select_candidates(h, torch.ones(6, device="cuda"), index, n_retained=4, k=2)
     assert index[4:].tolist() == [4, 7]  # the 2.0, then the first of the tied 1.0s
+
+
+def test_graph_decoder_with_compiled_layers_matches_eager_generate_under_pop():
+    """On the GPU: CUDA-graph replays of an inductor-compiled step (POP's Triton FFN left eager) give the
+    tokens of the eager step (float32, so argmax ties of rounding cannot flip them)."""
+    from lfmsift.models.fast_decode import GraphDecoder, compile_decode_layers
+    from lfmsift.models.tiny import tiny_model
+    from lfmsift.prune import pruned
+
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(0)).cuda()
+    with pruned(model, "pop", ffn_ratio=0.4, gamma=0.1):
+        eager = [GraphDecoder(model, max_cache_len=40, batch=2, cuda_graph=False).generate(p, 12)
+                 for p in (ids, ids[:, :6])]
+        with compile_decode_layers(model):
+            fast = GraphDecoder(model, max_cache_len=40, batch=2)
+            assert torch.equal(fast.generate(ids, 12), eager[0])
+            assert torch.equal(fast.generate(ids[:, :6], 12), eager[1])  # a new prompt replays the same graph

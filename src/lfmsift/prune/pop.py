@@ -2,14 +2,15 @@
 
 Prefill (a new prompt) computes gate/up for all d_ff channels, scores them (`scoring.channel_scores`),
 splits them into Retained / Candidate / Pruned (`partition.partition`) and writes its output with the top
-round((1 - r) d_ff) channels. It then lays out, once per prompt, contiguous weight slices of the channels
-later steps need:
+round((1 - r) d_ff) channels. It then fixes, once per prompt, the channels later steps need — on CUDA with
+Triton as an int32 channel index that the kernels of `triton_pop` read the model's own weight rows
+through (no weight is copied per prompt; down_proj is kept transposed once per model), elsewhere as
+contiguous weight slices for PyTorch's matmuls:
 
-- ``pop``: gate/up rows and down columns (stored as rows) of R u C, ordered R first, then C by prefill
-  score. A decode step runs one matmul over these 2|R u C| rows, scores the Candidates on the current
-  token(s), keeps the top k_sel, and runs down_proj on the R rows plus the k_sel gathered Candidate rows.
-  Pruned channels are never touched.
-- ``static`` (the paper's Variant 1): slices of the kept set only; decode reuses the prefill mask.
+- ``pop``: the channels of R u C, ordered R first, then C by prefill score. A decode step computes gate/up
+  over these |R u C| channels, scores the Candidates on the current token(s), keeps the top k_sel, and runs
+  down_proj on the R channels plus the k_sel selected ones. Pruned channels are never touched.
+- ``static`` (the paper's Variant 1): the kept set only; decode reuses the prefill mask.
 - ``reselect`` (Variant 2): decode computes all channels, scores all, keeps the top round((1 - r) d_ff).
 
 Nothing is multiplied by a zero mask: every matmul has only the channels it needs.
@@ -73,8 +74,10 @@ class POPFFN(nn.Module):
         delta: half the Candidate band (gamma / 2). Ignored (0) for ``static`` and ``reselect``.
         mode: ``pop``, ``static`` or ``reselect``.
         context: shared `PromptContext` (None: a multi-token forward starts a new prompt).
-        kernels: ``auto`` runs POP's Candidate selection and gathered down projection as Triton kernels on
-            CUDA tensors (`triton_pop`), ``torch`` always uses the PyTorch ops; both compute the same rule.
+        kernels: ``auto`` runs the decode steps of ``pop`` and ``static`` as Triton kernels on CUDA tensors
+            (`triton_pop`: weights read in place through a channel index) when the FFN is SiLU-gated without
+            gate/up biases and a step has at most 64 tokens; ``torch`` always uses PyTorch ops over per-prompt
+            weight slices. Both compute the same rule.
     """
 
     lfmsift_replacement = True
@@ -135,7 +138,13 @@ class POPFFN(nn.Module):
         self.retained_pos: torch.Tensor | None = None  # arange(|R|)
         self._down_used_for: Partition | None = None  # the partition w_down_used was filled for
         self.rank: torch.Tensor | None = None  # prefill rank of every channel (reselect overlap)
+        self.chan: torch.Tensor | None = None  # int32: the channels a decode step computes (Triton path)
         self.down_index: torch.Tensor | None = None  # int32 (n_keep,): arange(|R|), then the selected (Triton)
+        self.down_rows: torch.Tensor | None = None  # int32 (n_keep,): their channels (Triton)
+        self.cand_in_top: torch.Tensor | None = None  # int8 (|C|,): Candidate in the prefill top set (Triton)
+        self.down_acc = None  # triton_pop.DownAccumulator of the down pass (Triton path)
+        self._indexed = False  # this prompt's decode runs the Triton kernels over `chan`
+        self._slices_for: Partition | None = None  # the partition w_gate_up / w_down_rows were built for
         self._side_stream = None  # CUDA stream the Candidate selection runs on (Triton path)
 
     @staticmethod
@@ -173,6 +182,42 @@ class POPFFN(nn.Module):
             self.b_gate_up = torch.cat([g.bias.index_select(0, channels), u.bias.index_select(0, channels)])
         self.w_down_rows = self._reuse(self.w_down_rows, (n, hid), g.weight)
         torch.index_select(self._transposed_down(), 0, channels, out=self.w_down_rows)
+        self._slices_for = self.partition
+
+    def _computed_channels(self, part: Partition) -> torch.Tensor:
+        """The channels a decode step computes gate/up for (R then C by prefill rank; or the kept set)."""
+        return part.computed if self.mode == "pop" else part.keep
+
+    def _set_channel_index(self, part: Partition) -> None:
+        """Fill the Triton path's int32 channel vectors in place (same addresses for every prompt).
+
+        R and C are each sorted by channel id: the kernels then read weight rows in address order (read in
+        prefill-rank order, rows scatter over the matrix and the down pass ran ~40% slower on an H100). The
+        Candidates' prefill ranks survive as flags (in the top n_keep or not) for the overlap count.
+        """
+        s, dev = part.sizes, part.order.device
+        if self.mode == "pop":
+            retained = part.retained.sort().values
+            cand, perm = part.candidates.sort()
+            used = torch.cat((retained, cand))
+            in_top = perm < s.n_keep - s.n_retained  # perm: rank within C of each sorted Candidate
+        else:
+            used = part.keep.sort().values
+        if self.chan is None or self.chan.shape != used.shape or self.chan.device != dev:
+            self.chan = torch.empty(used.shape, dtype=torch.int32, device=dev)
+            self.down_index = torch.arange(s.n_keep, dtype=torch.int32, device=dev)  # pop rewrites after |R|
+            self.down_rows = torch.empty(s.n_keep, dtype=torch.int32, device=dev)
+            self.cand_in_top = torch.empty(s.n_candidates, dtype=torch.int8, device=dev)
+        self.chan.copy_(used)
+        self.down_rows.copy_(used[: s.n_keep])  # static: all; pop: R, then the selection writes its rows
+        if self.mode == "pop":
+            self.cand_in_top.copy_(in_top)
+
+    def _ensure_slices(self) -> None:
+        """Build the weight slices of the current prompt if its decode so far ran indexed (a step of more
+        than 64 tokens falls back to PyTorch's matmuls)."""
+        if self._slices_for is not self.partition:  # in the channel index's order when there is one
+            self._build_slices(self.chan.long() if self._indexed else self._computed_channels(self.partition))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -211,25 +256,28 @@ class POPFFN(nn.Module):
         self.partition = part
         self._prompt_id = self.context.prompt_id if self.context is not None else None
         s = part.sizes
-        triton = self.mode != "reselect" and self.kernels == "auto" and triton_pop.available(x)
+        # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in a CUDA
+        # graph stays valid for later prompts (same addresses, new contents).
+        self._indexed = self.mode != "reselect" and self._kernels_fit(x)
+        cand = part.candidates
+        if self._indexed:  # no weight copy: the kernels read the channels' rows in place
+            self._set_channel_index(part)
+            cand = self.chan[s.n_retained:]
+        elif self.mode != "reselect":
+            self._build_slices(self._computed_channels(part))
         if self.mode == "pop":
-            self._build_slices(part.computed)
-            # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in
-            # a CUDA graph stays valid for later prompts (same addresses, new contents).
             self.cand_col_norms_sq = self._reuse(self.cand_col_norms_sq, (s.n_candidates,), self.col_norms_sq)
-            torch.index_select(self.col_norms_sq, 0, part.candidates, out=self.cand_col_norms_sq)
-            if not triton:  # the Triton decode reads R + selected rows in place and needs no gathered copy
+            torch.index_select(self.col_norms_sq, 0, cand, out=self.cand_col_norms_sq)
+            if not self._indexed:
                 self._down_used()
-        elif self.mode == "static":
-            self._build_slices(part.keep)
-        if triton and (self.down_index is None or self.down_index.device != x.device):
-            # static keeps arange(n_keep); pop rewrites the part after |R| at every step
-            self.down_index = torch.arange(s.n_keep, dtype=torch.int32, device=x.device)
         if self.mode == "reselect":  # decode uses the full weights; keep the prefill ranks to measure overlap
             self.rank = torch.empty_like(part.order)
             self.rank[part.order] = torch.arange(part.order.numel(), device=part.order.device)
             self.w_down_rows = self._transposed_down()
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
+        elif self._indexed:  # the kept rows in address order (a faster gather)
+            keep = part.keep.sort().values
+            out = self._down_out(h.index_select(-1, keep), self._transposed_down().index_select(0, keep))
         else:  # the first n_keep rows of the slice are the kept set
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])
         tokens = x.shape[:-1].numel()
@@ -246,39 +294,36 @@ class POPFFN(nn.Module):
         c = self.counters
         tokens = x.shape[:-1].numel()
         hid = self.hidden_size
-        if self.mode == "static":
-            h = self._gated(x)  # (.., n_keep)
-            if self._use_triton(x) and self.down_index is not None:  # row-major down slice: Triton GEMV
-                out = triton_pop.gathered_down(h.reshape(-1, h.shape[-1]), self.w_down_rows, self.down_index)
-                out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
-                if self._down.bias is not None:
-                    out = out + self._down.bias
+        indexed = self._indexed and tokens <= 64
+        if not indexed and self.mode != "reselect":
+            self._ensure_slices()
+        if self.mode == "static" or (self.mode == "pop" and s.k_select == s.n_candidates):
+            # every computed channel is used (static; pop with no choice to make: gamma = 0, or all needed)
+            if indexed:
+                flat = x.reshape(-1, hid).contiguous()
+                h = torch.empty((tokens, self.chan.numel()), dtype=x.dtype, device=x.device)
+                triton_pop.gated_rows(flat, self._gate.weight, self._up.weight, h, chan=self.chan)
+                out = triton_pop.gathered_down(h, self._transposed_down(), self.down_index, rows=self.down_rows,
+                                               acc=self._accumulator(tokens, x.device))
+                out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
             else:
-                out = self._down_out(h, self.w_down_rows)
+                out = self._down_out(self._gated(x)[..., : s.n_keep], self.w_down_rows[: s.n_keep])
             c.overlap_fixed += s.n_keep
-            flops = tokens * (2 * hid * 3 * s.n_keep + 3 * s.n_keep)
+            n_gated = s.n_keep if self.mode == "static" else s.n_computed
+            flops = tokens * (2 * hid * (2 * n_gated + s.n_keep) + 3 * n_gated)
         elif self.mode == "pop":
             n_r, k = s.n_retained, s.k_select
-            fused = (k != s.n_candidates and self._use_triton(x) and self.down_index is not None
-                     and self.b_gate_up is None and self._silu)
-            if not fused:
-                h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
-            if k == s.n_candidates:  # no choice to make (gamma = 0, or every candidate is needed)
-                out = self._down_out(h[..., : s.n_keep], self.w_down_rows[: s.n_keep])
-                c.overlap_fixed += s.n_keep
-                score_flops = 0
-            elif fused:  # Triton: the selection runs beside gate/up over R, one down launch
+            if indexed:  # Triton: the selection runs beside gate/up over R, one down launch
                 if self._side_stream is None:
                     self._side_stream = torch.cuda.Stream(x.device)
-                _, out = triton_pop.pop_decode_step(x.reshape(-1, hid).contiguous(), self.w_gate_up, n_r,
-                                                    self.cand_col_norms_sq, self.w_down_rows, self.down_index, k,
-                                                    self._side_stream, c.overlap_acc, s.n_keep - n_r)
-                out = out.to(x.dtype).reshape(*x.shape[:-1], hid)
-                if self._down.bias is not None:
-                    out = out + self._down.bias
+                _, out = triton_pop.pop_decode_step(
+                    x.reshape(-1, hid).contiguous(), self._gate.weight, self._up.weight, self.chan, n_r,
+                    self.cand_col_norms_sq, self._transposed_down(), self.down_index, self.down_rows, k,
+                    self._side_stream, self._accumulator(tokens, x.device), c.overlap_acc, self.cand_in_top)
+                out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
                 c.overlap_fixed += n_r  # the selection kernel counted the chosen in the prefill top set
-                score_flops = 2 * tokens * s.n_candidates
             else:
+                h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
                 sel = self._select(h[..., n_r:], self.cand_col_norms_sq, k) + n_r
                 # down_proj over R + the selected Candidates: their rows are gathered behind the R rows of a
                 # persistent buffer, so one matmul reads exactly |R| + k rows.
@@ -287,8 +332,11 @@ class POPFFN(nn.Module):
                 used = h.index_select(-1, torch.cat((self.retained_pos, sel)))
                 out = self._down_out(used, rows)
                 c.overlap_fixed += n_r
-                c.overlap_acc.add_((sel < s.n_keep).sum())  # slice order = prefill rank
-                score_flops = 2 * tokens * s.n_candidates
+                if self._indexed:  # slices in channel order (built for a long step): flags say the rank
+                    c.overlap_acc.add_(self.cand_in_top.index_select(0, sel - n_r).sum())
+                else:
+                    c.overlap_acc.add_((sel < s.n_keep).sum())  # slice order = prefill rank
+            score_flops = 2 * tokens * s.n_candidates
             flops = tokens * 2 * hid * (2 * s.n_computed + s.n_keep) + tokens * 3 * s.n_computed + score_flops
         else:  # reselect
             g, u = self._gate, self._up
@@ -317,8 +365,17 @@ class POPFFN(nn.Module):
             self._down_used_for = self.partition
         return self.w_down_used
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        return self.kernels == "auto" and x.shape[:-1].numel() <= 64 and triton_pop.available(x)
+    def _kernels_fit(self, x: torch.Tensor) -> bool:
+        """Whether this FFN's decode can run the Triton kernels (SiLU gate, no gate/up bias, CUDA)."""
+        return (self.kernels == "auto" and self._silu and self._gate.bias is None and self._up.bias is None
+                and triton_pop.available(x))
+
+    def _accumulator(self, tokens: int, device: torch.device):
+        self.down_acc = triton_pop.DownAccumulator.for_shape(self.down_acc, tokens, self.hidden_size, device)
+        return self.down_acc
+
+    def _add_down_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self._down.bias is None else out + self._down.bias
 
     @staticmethod
     def _select(h: torch.Tensor, col_norms_sq: torch.Tensor, k: int) -> torch.Tensor:
@@ -335,9 +392,6 @@ class POPFFN(nn.Module):
         return torch.topk(sq.reshape(-1) * col_norms_sq, k, sorted=False).indices
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_triton(x) and self.b_gate_up is None and self._silu:
-            flat = x.reshape(-1, x.shape[-1])
-            return triton_pop.gated_gemv(flat.contiguous(), self.w_gate_up).reshape(*x.shape[:-1], -1)
         gu = F.linear(x, self.w_gate_up, self.b_gate_up)
         gate, up = gu.chunk(2, dim=-1)
         return self.act_fn(gate) * up

@@ -1,27 +1,33 @@
 """Triton kernels for POP's decode step on CUDA GPUs (the PyTorch path in `pop` runs everywhere else).
 
-A POP decode step, after gate/up over the Retained + Candidate slice, must (1) keep the k Candidates with
-the highest ``sum_b h^2 * ||W_down[:, i]||^2`` and (2) run down_proj over the Retained rows plus those k
-rows. With PyTorch these are a float cast, a square, a sum, ``topk`` (about 20 us on an H100 for ~1,100
-values), a gather copy of the k rows and a GEMV whose weight is laid
-out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). Here:
+A POP decode step must (1) compute gate/up for the Retained + Candidate channels, (2) keep the k
+Candidates with the highest ``sum_b h^2 * ||W_down[:, i]||^2`` and (3) run down_proj over the Retained
+channels plus those k. With PyTorch these are a gathered weight slice per prompt, a float cast, a square,
+a sum, ``topk`` (about 20 us on an H100 for ~1,100 values), a gather copy of the k rows and a GEMV whose
+weight is laid out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). Here no
+weight is copied per prompt: every kernel reads the model's own weight rows through a channel index.
 
+- `gated_rows`: gate and up over the rows named by a channel index, SiLU and product fused, so the
+  intermediate gate/up outputs never go to memory;
 - `select_candidates`: one program scores every Candidate, finds the k-th largest score by a bitwise
   binary search and writes the positions of exactly k of them (ties at the k-th score broken by position)
   behind the |R| Retained positions of a persistent index vector;
-- `gated_gemv`: gate and up over the contiguous slice in one pass, SiLU and product fused, so the
-  intermediate gate/up outputs never go to memory;
-- `pop_decode_step`: gate/up over the Candidate rows first, the selection on a side stream while gate/up
-  runs over the Retained rows, then one down pass over the Retained + selected rows (`select_and_down`,
-  the earlier schedule, overlaps the selection with a down pass over R and needs a second down launch);
-- `gathered_down`: a split-K GEMV over the rows named by that index vector (R rows, then the selected
-  Candidate rows) of the row-major down slice; each program reads whole 2-byte x BLOCK_N row segments
-  and accumulates ``h[:, rows] @ W[rows, cols]`` with the tensor cores into a float32 output by atomic adds.
+- `gathered_down`: a split-K GEMV over the down_proj rows (down_proj stored transposed, once per model)
+  of the channels named by that index vector; each program reads whole 2-byte x BLOCK_N row segments and
+  accumulates ``h[:, pos] @ W[chan[pos], cols]`` with the tensor cores into a float32 accumulator by atomic
+  adds. With a `DownAccumulator`, the last program of each column block (an atomic ticket) writes the
+  output in the model's dtype and zeroes the accumulator and ticket behind it: no zero-fill kernel
+  before, no cast kernel after;
+- `pop_decode_step`: gate/up over the Candidate rows (topped up with Retained rows to fill one wave of
+  the GPU) first, the selection on a side stream while gate/up runs over the remaining Retained rows, then
+  one down pass over the Retained + selected rows.
 
-No row outside R + selected is read. Both kernels are CUDA-graph safe (fixed shapes, no host sync).
+No weight row outside R + selected is read. All kernels are CUDA-graph safe (fixed shapes, no host sync).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -40,8 +46,8 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _select_kernel(h_ptr, cn_ptr, idx_ptr, cnt_ptr, B, n_r, n_cand, k, n_top, stride_hb,
-                       BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
+    def _select_kernel(h_ptr, cn_ptr, idx_ptr, chan_ptr, rows_ptr, top_ptr, cnt_ptr, B, n_r, n_cand, k, stride_hb,
+                       BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COUNT: tl.constexpr):
         offs = tl.arange(0, BLOCK_C)
         cmask = offs < n_cand
         score = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -66,13 +72,17 @@ if triton is not None:
         sel = gt | (eq & (eq_rank <= k - n_gt))
         dest = tl.cumsum(sel.to(tl.int32), axis=0) - 1
         tl.store(idx_ptr + n_r + dest, n_r + offs, mask=sel)
-        if COUNT:  # how many of the selected were in the prefill's top set (the first n_top Candidates)
-            tl.atomic_add(cnt_ptr, tl.sum((sel & (offs < n_top)).to(tl.int64), axis=0))
+        if ROWS:  # the weight rows of the selected, for the down pass (no second indirection there)
+            tl.store(rows_ptr + n_r + dest, tl.load(chan_ptr + n_r + offs, mask=sel, other=0), mask=sel)
+        if COUNT:  # how many of the selected were in the prefill's top set
+            in_top = tl.load(top_ptr + offs, mask=sel, other=0) != 0
+            tl.atomic_add(cnt_ptr, tl.sum((sel & in_top).to(tl.int64), axis=0))
 
     @triton.jit
-    def _gathered_down_kernel(h_ptr, w_ptr, idx_ptr, out_ptr, B, K, N, stride_hb, stride_wk, stride_ob,
-                              BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              K_PER_PROG: tl.constexpr):
+    def _gathered_down_kernel(h_ptr, w_ptr, idx_ptr, rows_ptr, acc_ptr, ticket_ptr, out_ptr, B, K, N, stride_hb,
+                              stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr, HAS_ROWS: tl.constexpr,
+                              FINISH: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,26 +94,38 @@ if triton is not None:
         for k0 in range(0, K_PER_PROG, BLOCK_K):
             offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
-            rows = tl.load(idx_ptr + offs_k, mask=kmask, other=0)
-            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
-            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + rows[None, :], mask=bmask[:, None] & kmask[None, :],
+            pos = tl.load(idx_ptr + offs_k, mask=kmask, other=0)  # columns of h
+            rows = tl.load(rows_ptr + offs_k, mask=kmask, other=0) if HAS_ROWS else pos  # rows of the weight
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + pos[None, :], mask=bmask[:, None] & kmask[None, :],
                          other=0.0)
             acc += tl.dot(hv, w)
-        tl.atomic_add(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc,
-                      mask=bmask[:, None] & nmask[None, :])
-
-
-if triton is not None:
+        tile = offs_b[:, None] * stride_ob + offs_n[None, :]
+        tmask = bmask[:, None] & nmask[None, :]
+        tl.atomic_add(acc_ptr + tile, acc, mask=tmask)
+        if FINISH:
+            # The last program of this column block (by ticket) sees every partial sum: it writes the output
+            # and leaves accumulator and ticket at zero for the next call.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + pid_n, 1)
+            if ticket == tl.num_programs(1) - 1:
+                total = tl.load(acc_ptr + tile, mask=tmask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=tmask)
+                tl.store(acc_ptr + tile, tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), mask=tmask)
+                tl.atomic_xchg(ticket_ptr + pid_n, 0)
 
     @triton.jit
-    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
+                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_CHAN: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         nmask = offs_n < n
         bmask = offs_b < B
+        rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0) if HAS_CHAN else offs_n
+        row_off = rows.to(tl.int64) * stride_wn
         acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -112,8 +134,8 @@ if triton is not None:
             xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
                          other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
-            wg = tl.load(g_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
-            wu = tl.load(u_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=wmask, other=0.0)
+            wg = tl.load(g_ptr + row_off[None, :] + offs_k[:, None], mask=wmask, other=0.0)
+            wu = tl.load(u_ptr + row_off[None, :] + offs_k[:, None], mask=wmask, other=0.0)
             acc_g += tl.dot(xv, wg)
             acc_u += tl.dot(xv, wu)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
@@ -127,18 +149,23 @@ DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
-               config: dict | None = None) -> torch.Tensor:
-    """``out = silu(x gate^T) * (x up^T)`` for row slices ``gate`` / ``up`` (m, hidden) of equal row stride;
-    ``out`` (tokens, m) may be a column range of a larger buffer."""
+               config: dict | None = None, chan: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = silu(x gate[rows]^T) * (x up[rows]^T)`` for x (tokens, hidden), at most 64 tokens.
+
+    Without `chan`, ``rows`` are all rows of ``gate`` / ``up`` (row slices of equal row stride); with
+    `chan` (int32), the rows it names, read in place. ``out`` (tokens, rows) may be a column range of a
+    larger buffer.
+    """
     tokens, hidden = x.shape
-    m = gate.shape[0]
+    m = gate.shape[0] if chan is None else chan.numel()
     if m == 0:
         return out
     cfg = {**GATED_CONFIG, **(config or {})}
     block_n = cfg.pop("BLOCK_N")
     _gated_gemv_kernel[(triton.cdiv(m, block_n),)](
-        x, gate, up, out, tokens, m, hidden, x.stride(0), gate.stride(0), out.stride(0),
-        BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n, **cfg,
+        x, gate, up, gate if chan is None else chan, out, tokens, m, hidden, x.stride(0), gate.stride(0),
+        out.stride(0), BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n,
+        HAS_CHAN=chan is not None, **cfg,
     )
     return out
 
@@ -153,37 +180,72 @@ def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = Non
     return gated_rows(x, gate_up[:n], gate_up[n:], h, config)
 
 
-def pop_decode_step(x: torch.Tensor, gate_up: torch.Tensor, n_retained: int, cand_col_norms_sq: torch.Tensor,
-                    rows: torch.Tensor, index: torch.Tensor, k: int, side: torch.cuda.Stream,
-                    overlap: torch.Tensor | None = None, n_top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """POP's whole decode step with the selection off the critical path: gate/up over the Candidate rows
-    first, then — while a side stream selects the k best Candidates from those activations — gate/up over
-    the Retained rows, then one down pass over the Retained + selected rows. Returns (h, float32 output).
+@dataclass
+class DownAccumulator:
+    """Persistent float32 partial sums and per-column-block tickets of `gathered_down` for one layer.
 
-    `gate_up` is the stacked slice (R rows then C rows, gate then up); `index` (int32, n_keep) holds
-    ``arange(|R|)`` and receives the selected positions behind it. Fork/join between two streams: safe
-    inside a CUDA graph capture. `overlap` / `n_top`: see `select_candidates`.
+    Both stay zero between calls (the kernel's last program per column block resets them), so a decode
+    step needs no zero-fill kernel. Sized for `tokens` x `hidden`; `for_shape` reallocates when needed.
     """
-    n = gate_up.shape[0] // 2
+
+    acc: torch.Tensor
+    tickets: torch.Tensor
+
+    @classmethod
+    def for_shape(cls, current: "DownAccumulator | None", tokens: int, hidden: int,
+                  device: torch.device) -> "DownAccumulator":
+        if current is not None and current.acc.shape == (tokens, hidden) and current.acc.device == device:
+            return current
+        n_blocks = triton.cdiv(hidden, DOWN_CONFIG["BLOCK_N"])
+        return cls(torch.zeros((tokens, hidden), dtype=torch.float32, device=device),
+                   torch.zeros(n_blocks, dtype=torch.int32, device=device))
+
+
+def first_launch_rows(n_candidates: int, n_retained: int, device: torch.device) -> int:
+    """Rows of the first gate/up launch of `pop_decode_step`: the Candidates, topped up with Retained rows
+    to one program per streaming multiprocessor (a launch of the Candidates alone leaves most of the GPU
+    idle), never all of R (the rest must run beside the selection)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = max(n_candidates, sms * GATED_CONFIG["BLOCK_N"])
+    return min(rows, n_candidates + n_retained // 2)
+
+
+def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
+                    cand_col_norms_sq: torch.Tensor, down_t: torch.Tensor, index: torch.Tensor,
+                    down_rows: torch.Tensor, k: int, side: torch.cuda.Stream, acc: DownAccumulator,
+                    overlap: torch.Tensor | None = None, in_top: torch.Tensor | None = None,
+                    first_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """POP's whole decode step with the selection off the critical path. Returns (h, output in x's dtype).
+
+    `chan` (int32) names the R channels then the C channels (rows of `gate` / `up` / `down_t`, the model's
+    own weights, down_proj transposed); h's columns follow it. Gate/up runs first over the last
+    `first_rows` positions (the Candidates and the Retained rows just before them), then — while a side
+    stream selects the k best Candidates from those activations — over the remaining Retained rows, then
+    one down pass over the Retained + selected rows. `index` / `down_rows` (int32, n_keep) hold the R
+    positions / channels and receive the selected ones behind them. Fork/join between two streams: safe
+    inside a CUDA graph capture. `overlap` / `in_top`: see `select_candidates`.
+    """
+    n = chan.numel()
+    if first_rows is None:
+        first_rows = first_launch_rows(n - n_retained, n_retained, x.device)
+    split = n - first_rows
     h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    gated_rows(x, gate_up[n_retained:n], gate_up[n + n_retained:], h[:, n_retained:])
+    gated_rows(x, gate, up, h[:, split:], chan=chan[split:])
     main = torch.cuda.current_stream(x.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        select_candidates(h, cand_col_norms_sq, index, n_retained, k, overlap, n_top)
-    gated_rows(x, gate_up[:n_retained], gate_up[n : n + n_retained], h[:, :n_retained])
+        select_candidates(h, cand_col_norms_sq, index, n_retained, k, overlap, in_top, chan, down_rows)
+    gated_rows(x, gate, up, h[:, :split], chan=chan[:split])
     main.wait_stream(side)
     h.record_stream(side)
-    return h, gathered_down(h, rows, index)
+    return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
 
 
 def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
                     n_retained: int, k: int, side: torch.cuda.Stream) -> torch.Tensor:
-    """POP's decode down projection: the Retained rows run while the Candidates are selected on `side`.
-
-    The down pass over R does not depend on the selection, so the single-program selection overlaps it
-    (fork/join between two streams: safe inside a CUDA graph capture); the selected rows follow.
-    """
+    """The earlier schedule, kept for the kernels benchmark's comparison: the down pass over the Retained
+    rows runs while the Candidates are selected on `side`, then a second down launch over the selected
+    rows (fork/join between two streams: safe inside a CUDA graph capture). Returns float32."""
     main = torch.cuda.current_stream(h.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
@@ -197,35 +259,50 @@ def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torc
 
 
 def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int,
-                      overlap: torch.Tensor | None = None, n_top: int = 0):
-    """Write the positions (in the slice) of the k best Candidates into ``index[n_retained:]``.
+                      overlap: torch.Tensor | None = None, in_top: torch.Tensor | None = None,
+                      chan: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+    """Write the positions (columns of h) of the k best Candidates into ``index[n_retained:]``.
 
-    `h` is (tokens, |R u C|) with R first; `index` (int32, n_keep) already holds ``arange(|R|)``. With
-    `overlap` (an int64 scalar tensor), add to it how many of the chosen are among the first `n_top`
-    Candidates (those in the prefill's top set: Candidates are ordered by prefill rank).
+    `h` is (tokens, |R u C|) with R first; `index` (int32, n_keep) already holds the R positions. With
+    `chan` and `rows`, also write the selected Candidates' channels (``chan[position]``) into
+    ``rows[n_retained:]``. With `overlap` (an int64 scalar tensor) and `in_top` (one flag per Candidate),
+    add to it how many of the chosen are flagged (those in the prefill's top set).
     """
     n_cand = cand_col_norms_sq.numel()
     block = max(16, triton.next_power_of_2(n_cand))
-    counter = overlap if overlap is not None else index
-    _select_kernel[(1,)](h, cand_col_norms_sq, index, counter, h.shape[0], n_retained, n_cand, k, n_top, h.stride(0),
-                         BLOCK_C=block, COUNT=overlap is not None, num_warps=8)
+    count = overlap is not None and in_top is not None
+    write_rows = chan is not None and rows is not None
+    _select_kernel[(1,)](h, cand_col_norms_sq, index, chan if write_rows else index, rows if write_rows else index,
+                         in_top if count else index, overlap if count else index, h.shape[0], n_retained, n_cand, k,
+                         h.stride(0), BLOCK_C=block, ROWS=write_rows, COUNT=count, num_warps=8)
 
 
-def gathered_down(h: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
-                  config: dict | None = None):
-    """``h[:, index] @ rows[index]`` in float32 (tokens, hidden): down_proj over the indexed rows only.
+def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
+                  config: dict | None = None, rows: torch.Tensor | None = None,
+                  acc: DownAccumulator | None = None) -> torch.Tensor:
+    """``h[:, index] @ weight_rows[rows]``: down_proj over the indexed rows only, for h (tokens, n) with at
+    most 64 tokens and `weight_rows` row-major (down_proj transposed). `rows` (int32, aligned with `index`)
+    names the weight row of each indexed column of h; omitted, the row is the column itself.
 
-    With `out` given, the product is *added* to it (so a step can run the Retained rows and the selected
-    Candidate rows as two launches into one accumulator).
+    With `acc`, returns the product in h's dtype, finished inside the kernel (see `DownAccumulator`).
+    Otherwise returns it in float32; with `out` given, the product is *added* to it (so two launches can
+    share one accumulator).
     """
-    tokens, hidden = h.shape[0], rows.shape[1]
+    tokens, hidden = h.shape[0], weight_rows.shape[1]
     if tokens > 64:
         raise ValueError("gathered_down is a decode kernel: at most 64 tokens per call")
-    if out is None:
-        out = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
-    block_b = max(16, triton.next_power_of_2(tokens))
     cfg = {**DOWN_CONFIG, **(config or {})}
     grid = (triton.cdiv(hidden, cfg["BLOCK_N"]), triton.cdiv(index.numel(), cfg["K_PER_PROG"]))
-    _gathered_down_kernel[grid](h, rows, index, out, tokens, index.numel(), hidden, h.stride(0), rows.stride(0),
-                                out.stride(0), BLOCK_B=block_b, **cfg)
-    return out
+    if acc is not None:
+        if acc.acc.shape != (tokens, hidden) or acc.tickets.numel() < grid[0]:
+            raise ValueError(f"accumulator of shape {tuple(acc.acc.shape)} does not fit ({tokens}, {hidden})")
+        target, partial, tickets = torch.empty((tokens, hidden), dtype=h.dtype, device=h.device), acc.acc, acc.tickets
+    else:
+        if out is None:
+            out = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
+        target, partial, tickets = out, out, index
+    _gathered_down_kernel[grid](h, weight_rows, index, index if rows is None else rows, partial, tickets, target,
+                                tokens, index.numel(), hidden, h.stride(0), weight_rows.stride(0), target.stride(0),
+                                BLOCK_B=max(16, triton.next_power_of_2(tokens)), HAS_ROWS=rows is not None,
+                                FINISH=acc is not None, **cfg)
+    return target
