@@ -13,9 +13,9 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
   binary search and writes the positions of exactly k of them (ties at the k-th score broken by position)
   behind the |R| Retained positions of a persistent index vector;
 - `gathered_down`: a split-K GEMV over the down_proj rows (down_proj stored transposed, once per model)
-  of the channels named by that index vector; each program reads whole 2-byte x BLOCK_N row segments and
-  accumulates ``h[:, pos] @ W[chan[pos], cols]`` with the tensor cores into a float32 accumulator by atomic
-  adds. With a `DownAccumulator`, the last program of each column block (an atomic ticket) writes the
+  named by a row vector aligned with that index vector (the selection writes both, so the kernel has no
+  second indirection); each program reads whole 2-byte x BLOCK_N row segments and accumulates
+  ``h[:, index] @ W[rows, cols]`` with the tensor cores into a float32 accumulator by atomic adds. With a `DownAccumulator`, the last program of each column block (an atomic ticket) writes the
   output in the model's dtype and zeroes the accumulator and ticket behind it: no zero-fill kernel
   before, no cast kernel after;
 - `pop_decode_step`: gate/up over the Candidate rows (topped up with Retained rows to fill one wave of
@@ -23,6 +23,7 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
   one down pass over the Retained + selected rows.
 
 No weight row outside R + selected is read. All kernels are CUDA-graph safe (fixed shapes, no host sync).
+Channel vectors are sorted by channel id within R and within C, so rows are read in address order.
 """
 
 from __future__ import annotations
