@@ -1,9 +1,10 @@
 """Fast greedy decoding for measuring FFN methods end to end: a lean decode step around the FFN.
 
 transformers' decode step at batch 1 spends most of its non-FFN time in small kernels (norms in float32,
-rotary, cache writes, masks): on an H100 with Llama-2-7B the part outside the FFNs takes 4.8 of 8.3 ms
-even inside a CUDA graph, where its weights alone need about 1.6 ms. Any FFN speedup is diluted by it.
-Two tools here remove that overhead without touching the FFN:
+rotary, cache writes, masks), and any FFN speedup is diluted by it: on an H100 with Llama-2-7B the part
+outside the FFNs takes 4.8 of 8.4 ms even inside a CUDA graph, where its weights alone need about 1.6 ms;
+compiled as below, 3.0 ms (`results/pop_gpu_e2e_llama2-7b_h100.json`). Two tools here remove that overhead
+without touching the FFN:
 
 - `compile_decode_layers(model)`: each decoder layer's single-token forward runs through `torch.compile`
   with its FFN module left out of the graph (`torch.compiler.disable`), so whatever FFN sits there —
