@@ -88,7 +88,7 @@ def main() -> None:
                 for name, m in DOWN_ROWS.items():
                     index = torch.randperm(D_FF, device=dev)[:m].to(torch.int32)
                     row["seconds"][f"{name} b{b}"] = graph_time(
-                        lambda index=index, b=b, cfg=cfg: triton_pop.gathered_down(hs[b], down, index, None, cfg))
+                        lambda index=index, b=b, cfg=cfg: triton_pop.gathered_down(hs[b], down, index, config=cfg))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         down_rows.append(row)

@@ -171,16 +171,6 @@ def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch
     return out
 
 
-def gated_gemv(x: torch.Tensor, gate_up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """``silu(x W_g^T) * (x W_u^T)`` for a stacked (2n, hidden) slice ``[W_g; W_u]``: one pass over its rows.
-
-    `x` is (tokens, hidden) with at most 64 tokens (decode); returns (tokens, n) in x's dtype.
-    """
-    n = gate_up.shape[0] // 2
-    h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    return gated_rows(x, gate_up[:n], gate_up[n:], h, config)
-
-
 @dataclass
 class DownAccumulator:
     """Persistent float32 partial sums and per-column-block tickets of `gathered_down` for one layer.
@@ -242,23 +232,6 @@ def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan:
     return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
 
 
-def select_and_down(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
-                    n_retained: int, k: int, side: torch.cuda.Stream) -> torch.Tensor:
-    """The earlier schedule, kept for the kernels benchmark's comparison: the down pass over the Retained
-    rows runs while the Candidates are selected on `side`, then a second down launch over the selected
-    rows (fork/join between two streams: safe inside a CUDA graph capture). Returns float32."""
-    main = torch.cuda.current_stream(h.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        select_candidates(h, cand_col_norms_sq, index, n_retained, k)
-    out = torch.zeros((h.shape[0], rows.shape[1]), dtype=torch.float32, device=h.device)
-    if n_retained:
-        gathered_down(h, rows, index[:n_retained], out)
-    main.wait_stream(side)
-    h.record_stream(side)
-    return gathered_down(h, rows, index[n_retained:], out)
-
-
 def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int,
                       overlap: torch.Tensor | None = None, in_top: torch.Tensor | None = None,
                       chan: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
@@ -278,16 +251,15 @@ def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: t
                          h.stride(0), BLOCK_C=block, ROWS=write_rows, COUNT=count, num_warps=8)
 
 
-def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
+def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tensor,
                   config: dict | None = None, rows: torch.Tensor | None = None,
                   acc: DownAccumulator | None = None) -> torch.Tensor:
     """``h[:, index] @ weight_rows[rows]``: down_proj over the indexed rows only, for h (tokens, n) with at
     most 64 tokens and `weight_rows` row-major (down_proj transposed). `rows` (int32, aligned with `index`)
     names the weight row of each indexed column of h; omitted, the row is the column itself.
 
-    With `acc`, returns the product in h's dtype, finished inside the kernel (see `DownAccumulator`).
-    Otherwise returns it in float32; with `out` given, the product is *added* to it (so two launches can
-    share one accumulator).
+    With `acc`, returns the product in h's dtype, finished inside the kernel (see `DownAccumulator`);
+    otherwise in float32, accumulated into a zero-filled output.
     """
     tokens, hidden = h.shape[0], weight_rows.shape[1]
     if tokens > 64:
@@ -299,9 +271,8 @@ def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tenso
             raise ValueError(f"accumulator of shape {tuple(acc.acc.shape)} does not fit ({tokens}, {hidden})")
         target, partial, tickets = torch.empty((tokens, hidden), dtype=h.dtype, device=h.device), acc.acc, acc.tickets
     else:
-        if out is None:
-            out = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
-        target, partial, tickets = out, out, index
+        target = torch.zeros((tokens, hidden), dtype=torch.float32, device=h.device)
+        partial, tickets = target, index
     _gathered_down_kernel[grid](h, weight_rows, index, index if rows is None else rows, partial, tickets, target,
                                 tokens, index.numel(), hidden, h.stride(0), weight_rows.stride(0), target.stride(0),
                                 BLOCK_B=max(16, triton.next_power_of_2(tokens)), HAS_ROWS=rows is not None,
