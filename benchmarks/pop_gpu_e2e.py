@@ -2,7 +2,9 @@
 
 Random-weight models built from the real configs (bf16; weights do not change latency), batch 1 and 10,
 128 prompt tokens + 128 generated tokens, greedy, with `lfmsift.models.fast_decode.GraphDecoder`: the
-prompt is prefilled eagerly (POP partitions there), then one decode step — the whole model, its static KV
+prompt is prefilled (POP partitions there) eagerly or, with ``--prefill graph``, replayed from a CUDA graph
+captured for its length (the same for every method; at batch 1 an eager prefill is bound by kernel launches,
+its time is mostly CPU overhead and varies between runs), then one decode step — the whole model, its static KV
 cache, the argmax and the position update — is captured in a CUDA graph and replayed 127 times. Timed with
 CUDA events, median of `--repeats`, side by side with the dense model in the same run. Two decode steps:
 ``hf`` (transformers' layers as they are) and ``compiled`` (`compile_decode_layers`: each layer's decode
@@ -85,9 +87,9 @@ def capture(fn):
 
 
 @torch.no_grad()
-def measure(model, prompt: torch.Tensor, steps: int, repeats: int) -> dict:
+def measure(model, prompt: torch.Tensor, steps: int, repeats: int, prefill_graph: bool = False) -> dict:
     batch, length = prompt.shape
-    decoder = GraphDecoder(model, max_cache_len=length + steps + 4, batch=batch)
+    decoder = GraphDecoder(model, max_cache_len=length + steps + 4, batch=batch, prefill_graph=prefill_graph)
     out = {}
     decoder.prefill(prompt)  # warm-up (kernels compiled, allocations made)
     out["prefill_s"] = statistics.median(events_time(lambda: decoder.prefill(prompt)) for _ in range(5))
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", default="hf,compiled", help="hf and/or compiled (see the docstring)")
     parser.add_argument("--methods", default=",".join(f"{m}:{t}" if t else m for m, t in METHODS))
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled step")
+    parser.add_argument("--prefill", choices=("eager", "graph"), default="eager",
+                        help="run the prompt eagerly or replay it from a CUDA graph (see the docstring)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -145,13 +149,14 @@ def main() -> None:
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=gen).to(device)
             dense = None
             for method, target in methods:
-                row = {"model": name, "decode_step": kind, "batch": batch, "method": method, "target": target}
+                row = {"model": name, "decode_step": kind, "batch": batch, "method": method, "target": target,
+                       "prefill": args.prefill}
                 t0 = time.time()
                 handle = None
                 try:
                     if method != "dense":
                         handle = apply(model, method, target=target)
-                    row.update(measure(model, prompt, args.steps, args.repeats))
+                    row.update(measure(model, prompt, args.steps, args.repeats, args.prefill == "graph"))
                 except Exception as exc:  # keep the other rows; report what failed
                     row["error"] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
@@ -182,7 +187,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"task": "pop_gpu_e2e", "device": torch.cuda.get_device_name(0),
                                "prompt_tokens": args.prompt, "new_tokens": args.steps,
-                               "compile_mode": args.compile_mode, "rows": rows},
+                               "compile_mode": args.compile_mode, "prefill": args.prefill, "rows": rows},
                    command=["python", *sys.argv])
 
 

@@ -67,3 +67,5 @@ def test_decoder_rejects_bad_input():
         decoder.decode(7)
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(model, max_cache_len=16, cuda_graph=True)
+    with pytest.raises(ValueError, match="prefill_graph=True needs cuda_graph"):
+        GraphDecoder(model, max_cache_len=16, prefill_graph=True)

@@ -159,3 +159,23 @@ def test_graph_decoder_with_compiled_layers_matches_eager_generate_under_pop():
             fast = GraphDecoder(model, max_cache_len=40, batch=2)
             assert torch.equal(fast.generate(ids, 12), eager[0])
             assert torch.equal(fast.generate(ids[:, :6], 12), eager[1])  # a new prompt replays the same graph
+
+
+@pytest.mark.parametrize("method", ["dense", "pop"])
+def test_graph_decoder_with_prefill_graphs_matches_eager_generate(method):
+    """Prefill replayed from a CUDA graph per prompt length (POP's partition captured with it) gives the
+    tokens of the eager decoder, for a second prompt of the same length and for a new length."""
+    from lfmsift.models.fast_decode import GraphDecoder
+    from lfmsift.models.tiny import tiny_model
+    from lfmsift.prune import pruned
+
+    model = tiny_model("llama").cuda()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 250, (2, n), generator=gen).cuda() for n in (11, 11, 6, 11)]
+    with pruned(model, "pop", ffn_ratio=0.4, gamma=0.1) if method == "pop" else torch.no_grad():
+        eager = GraphDecoder(model, max_cache_len=40, batch=2, cuda_graph=False)
+        want = [eager.generate(p, 12) for p in prompts]
+        fast = GraphDecoder(model, max_cache_len=40, batch=2, prefill_graph=True)
+        for p, w in zip(prompts, want):
+            assert torch.equal(fast.generate(p, 12), w)
+        assert sorted(fast._prefill_graphs) == [6, 11]

@@ -36,15 +36,17 @@ def _prompt_hook(context: PromptContext):
 
     def hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            past = 1  # a step captured in a CUDA graph continues a prompt (reading the cache length would sync)
-        else:
-            past = 0 if cache is None else int(cache.get_seq_length())
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
         if x is None and args:
             x = args[0]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Reading the cache length would sync: under a CUDA graph capture one token is a decode step and
+            # several are a prompt (GraphDecoder captures prefills from an emptied cache).
+            past = 0 if x is not None and x.shape[1] > 1 else 1
+        else:
+            past = 0 if cache is None else int(cache.get_seq_length())
         if past == 0:
             context.prompt_id += 1
         mask = kwargs.get("attention_mask")
