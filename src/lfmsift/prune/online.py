@@ -35,7 +35,9 @@ def _prompt_hook(context: PromptContext):
     """Pre-hook on the decoder stack: mark new prompts and pass the current tokens' pad mask."""
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers >= 5.24 passes it as `cache`, earlier as `past_key_values`
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
