@@ -181,14 +181,7 @@ class GraphDecoder:
     def _capture_prefill(self, prompt: torch.Tensor) -> None:
         """Run the prompt eagerly (warm-up: lazy allocations, kernel compiles), then capture and replay it."""
         static = prompt.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._prefill_body(static)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._prefill_body(static)
+        graph = self._warm_and_capture(lambda: self._prefill_body(static), warmups=1)
         graph.replay()
         self._prefill_graphs[prompt.shape[1]] = (graph, static)
 
@@ -200,23 +193,28 @@ class GraphDecoder:
         self.tokens.index_copy_(1, self.pos, self.ids)
 
     def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, then rewind what the warm-up and capture advanced."""
+        """Warm up, capture one step, then rewind what the warm-up and capture advanced."""
         ids, counters = self.ids.clone(), _cache_counters(self.cache)
         saved = [c.clone() for c in counters]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
+        graph = self._warm_and_capture(self._step, warmups=2)
         self.ids.copy_(ids)
         self.pos.fill_(self.length)
         for c, s in zip(counters, saved):
             c.copy_(s)
         self._graph = graph
+
+    def _warm_and_capture(self, fn, warmups: int) -> torch.cuda.CUDAGraph:
+        """Run `fn` `warmups` times on a side stream (as CUDA graph capture requires), then capture it once."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
