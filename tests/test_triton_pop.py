@@ -62,6 +62,38 @@ def test_gated_rows_into_a_column_range_of_a_buffer():
     assert (out[:, :30] == 7).all() and (out[:, 90:] == 7).all()    # nothing written outside the range
 
 
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_partition_index_equals_the_sorted_partition(ties):
+    """The sort-free partition kernel writes the sets of `partition.partition` (ties to the lower id)."""
+    from lfmsift.prune.partition import partition
+
+    torch.manual_seed(4)
+    for n, r, delta in ((11008, 0.3, 0.05), (1000, 0.5, 0.0), (300, 0.1, 0.1), (14336, 0.0, 0.0)):
+        scores = torch.rand(n, device="cuda")
+        if ties:  # few distinct values, zeros and a negative zero
+            scores = (scores * 8).floor() / 8
+            scores[5] = -0.0
+        norms = torch.rand(n, device="cuda")
+        part = partition(scores, r, delta)
+        s = part.sizes
+        retained, cand, keep = part.retained.sort().values, part.candidates.sort(), part.keep.sort().values
+        for pop in (True, False):
+            chan = torch.empty(s.n_computed if pop else s.n_keep, dtype=torch.int32, device="cuda")
+            rows, kept = (torch.empty(s.n_keep, dtype=torch.int32, device="cuda") for _ in range(2))
+            in_top = torch.empty(s.n_candidates, dtype=torch.int8, device="cuda")
+            cand_norms = torch.empty(s.n_candidates, device="cuda")
+            triton_pop.partition_index(scores, s.n_retained, s.n_keep, s.n_computed, chan, rows, kept,
+                                       in_top if pop else None, norms if pop else None, cand_norms if pop else None)
+            assert torch.equal(kept.long(), keep)
+            if pop:
+                assert torch.equal(chan.long(), torch.cat((retained, cand.values)))
+                assert torch.equal(rows[: s.n_retained].long(), retained)
+                assert torch.equal(in_top.bool(), cand.indices < s.n_keep - s.n_retained)
+                assert torch.equal(cand_norms, norms[cand.values])
+            else:
+                assert torch.equal(chan.long(), keep) and torch.equal(rows, chan)
+
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_equals_torch_decode(batch, dtype):

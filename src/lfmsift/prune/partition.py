@@ -15,6 +15,7 @@ exact (ties are broken by a stable sort) and the sets are ordered: every R score
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -67,11 +68,18 @@ def partition_sizes(d_ff: int, ffn_ratio: float, delta: float) -> PartitionSizes
 class Partition:
     """Channels of one FFN ranked by prefill score: ``order[:n_retained]`` is R, then C, then P.
 
-    ``order[:n_keep]`` (R and the upper part of C) is the set the prefill output is written with.
+    ``order[:n_keep]`` (R and the upper part of C) is the set the prefill output is written with. The order
+    (a stable descending sort of `scores`) is computed on first use: the GPU path reads the sets straight
+    from the scores (`triton_pop.partition_index`) and never sorts.
     """
 
-    order: torch.Tensor  # (d_ff,) channel ids, descending prefill score
+    scores: torch.Tensor  # (d_ff,) prefill scores
     sizes: PartitionSizes
+
+    @cached_property
+    def order(self) -> torch.Tensor:
+        """(d_ff,) channel ids by descending prefill score; ties: the lower id first."""
+        return torch.argsort(self.scores, descending=True, stable=True)
 
     @property
     def retained(self) -> torch.Tensor:
@@ -100,9 +108,7 @@ def partition(scores: torch.Tensor, ffn_ratio: float, delta: float) -> Partition
     """Split channels by their prefill `scores` (1-D) into R / C / P."""
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D (one per channel); got shape {tuple(scores.shape)}")
-    sizes = partition_sizes(scores.numel(), ffn_ratio, delta)
-    order = torch.argsort(scores, descending=True, stable=True)
-    return Partition(order, sizes)
+    return Partition(scores, partition_sizes(scores.numel(), ffn_ratio, delta))
 
 
 def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:

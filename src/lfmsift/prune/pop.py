@@ -141,6 +141,7 @@ class POPFFN(nn.Module):
         self.chan: torch.Tensor | None = None  # int32: the channels a decode step computes (Triton path)
         self.down_index: torch.Tensor | None = None  # int32 (n_keep,): arange(|R|), then the selected (Triton)
         self.down_rows: torch.Tensor | None = None  # int32 (n_keep,): their channels (Triton)
+        self.keep_index: torch.Tensor | None = None  # int32 (n_keep,): the prefill's kept set by id (Triton)
         self.cand_in_top: torch.Tensor | None = None  # int8 (|C|,): Candidate in the prefill top set (Triton)
         self.down_acc = None  # triton_pop.DownAccumulator of the down pass (Triton path)
         self._indexed = False  # this prompt's decode runs the Triton kernels over `chan`
@@ -191,27 +192,25 @@ class POPFFN(nn.Module):
     def _set_channel_index(self, part: Partition) -> None:
         """Fill the Triton path's int32 channel vectors in place (same addresses for every prompt).
 
-        R and C are each sorted by channel id: the kernels then read weight rows in address order (read in
+        One kernel reads the sets from the prefill scores, with no sort (`triton_pop.partition_index`). R and C
+        are each in channel-id order: the kernels then read weight rows in address order (read in
         prefill-rank order, rows scatter over the matrix and the down pass ran ~40% slower on an H100). The
-        Candidates' prefill ranks survive as flags (in the top n_keep or not) for the overlap count.
+        Candidates' prefill ranks survive as flags (in the top n_keep or not) for the overlap count; pop also
+        gets the Candidates' squared down-column norms here.
         """
-        s, dev = part.sizes, part.order.device
-        if self.mode == "pop":
-            retained = part.retained.sort().values
-            cand, perm = part.candidates.sort()
-            used = torch.cat((retained, cand))
-            in_top = perm < s.n_keep - s.n_retained  # perm: rank within C of each sorted Candidate
-        else:
-            used = part.keep.sort().values
-        if self.chan is None or self.chan.shape != used.shape or self.chan.device != dev:
-            self.chan = torch.empty(used.shape, dtype=torch.int32, device=dev)
+        s, dev = part.sizes, part.scores.device
+        n_used = s.n_computed if self.mode == "pop" else s.n_keep
+        if self.chan is None or self.chan.numel() != n_used or self.chan.device != dev:
+            self.chan = torch.empty(n_used, dtype=torch.int32, device=dev)
             self.down_index = torch.arange(s.n_keep, dtype=torch.int32, device=dev)  # pop rewrites after |R|
             self.down_rows = torch.empty(s.n_keep, dtype=torch.int32, device=dev)
+            self.keep_index = torch.empty(s.n_keep, dtype=torch.int32, device=dev)
             self.cand_in_top = torch.empty(s.n_candidates, dtype=torch.int8, device=dev)
-        self.chan.copy_(used)
-        self.down_rows.copy_(used[: s.n_keep])  # static: all; pop: R, then the selection writes its rows
-        if self.mode == "pop":
-            self.cand_in_top.copy_(in_top)
+            self.cand_col_norms_sq = torch.empty(s.n_candidates, dtype=torch.float32, device=dev)
+        pop = self.mode == "pop"
+        triton_pop.partition_index(part.scores, s.n_retained, s.n_keep, s.n_computed, self.chan, self.down_rows,
+                                   self.keep_index, self.cand_in_top if pop else None,
+                                   self.col_norms_sq if pop else None, self.cand_col_norms_sq if pop else None)
 
     def _ensure_slices(self) -> None:
         """Build the weight slices of the current prompt if its decode so far ran indexed (a step of more
@@ -259,16 +258,13 @@ class POPFFN(nn.Module):
         # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in a CUDA
         # graph stays valid for later prompts (same addresses, new contents).
         self._indexed = self.mode != "reselect" and self._kernels_fit(x)
-        cand = part.candidates
         if self._indexed:  # no weight copy: the kernels read the channels' rows in place
             self._set_channel_index(part)
-            cand = self.chan[s.n_retained:]
         elif self.mode != "reselect":
             self._build_slices(self._computed_channels(part))
-        if self.mode == "pop":
-            self.cand_col_norms_sq = self._reuse(self.cand_col_norms_sq, (s.n_candidates,), self.col_norms_sq)
-            torch.index_select(self.col_norms_sq, 0, cand, out=self.cand_col_norms_sq)
-            if not self._indexed:
+            if self.mode == "pop":
+                self.cand_col_norms_sq = self._reuse(self.cand_col_norms_sq, (s.n_candidates,), self.col_norms_sq)
+                torch.index_select(self.col_norms_sq, 0, part.candidates, out=self.cand_col_norms_sq)
                 self._down_used()
         if self.mode == "reselect":  # decode uses the full weights; keep the prefill ranks to measure overlap
             self.rank = torch.empty_like(part.order)
@@ -276,7 +272,7 @@ class POPFFN(nn.Module):
             self.w_down_rows = self._transposed_down()
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows.index_select(0, part.keep))
         elif self._indexed:  # the kept rows in address order (a faster gather)
-            keep = part.keep.sort().values
+            keep = self.keep_index
             out = self._down_out(h.index_select(-1, keep), self._transposed_down().index_select(0, keep))
         else:  # the first n_keep rows of the slice are the kept set
             out = self._down_out(h.index_select(-1, part.keep), self.w_down_rows[: s.n_keep])

@@ -18,6 +18,9 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
   ``h[:, index] @ W[rows, cols]`` with the tensor cores into a float32 accumulator by atomic adds. With a `DownAccumulator`, the last program of each column block (an atomic ticket) writes the
   output in the model's dtype and zeroes the accumulator and ticket behind it: no zero-fill kernel
   before, no cast kernel after;
+- `partition_index`: the prefill's partition with no sort — each channel's rank in the stable descending
+  order of the scores by pairwise comparison, then R, C and the kept set written in channel order (the
+  channel vectors the kernels below read);
 - `pop_decode_step`: gate/up over the Candidate rows (topped up with Retained rows to fill one wave of
   the GPU) first, the selection on a side stream while gate/up runs over the remaining Retained rows, then
   one down pass over the Retained + selected rows.
@@ -143,10 +146,66 @@ if triton is not None:
         tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=bmask[:, None] & nmask[None, :])
 
+    @triton.jit
+    def _rank_kernel(sc_ptr, rank_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """rank[i] = #{j: s_j > s_i} + #{j < i: s_j == s_i}: the position of channel i in a stable descending
+        sort. One float comparison per pair away from i's own column block (blocks before it count
+        s_j >= s_i, blocks after it s_j > s_i); BLOCK_J is a multiple of BLOCK_I."""
+        pid = tl.program_id(0)
+        offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+        si = tl.load(sc_ptr + offs_i, mask=offs_i < n, other=0.0)
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.int32)
+        mixed = (pid * BLOCK_I) // BLOCK_J * BLOCK_J  # the column block holding i's own block
+        for j0 in range(0, mixed, BLOCK_J):
+            sj = tl.load(sc_ptr + j0 + tl.arange(0, BLOCK_J))
+            acc += (sj[None, :] >= si[:, None]).to(tl.int32)
+        offs_j = mixed + tl.arange(0, BLOCK_J)
+        sj = tl.load(sc_ptr + offs_j, mask=offs_j < n, other=-1.0)
+        acc += ((sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+                ).to(tl.int32)
+        for j0 in range(mixed + BLOCK_J, n, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            sj = tl.load(sc_ptr + offs_j, mask=offs_j < n, other=-1.0)
+            acc += (sj[None, :] > si[:, None]).to(tl.int32)
+        tl.store(rank_ptr + offs_i, tl.sum(acc, axis=1), mask=offs_i < n)
+
+    @triton.jit
+    def _compact_kernel(rank_ptr, cn_ptr, chan_ptr, rows_ptr, keep_ptr, top_ptr, ccn_ptr, n, n_r, n_keep, n_comp,
+                        POP: tl.constexpr, BLOCK: tl.constexpr):
+        """Write the channels of R (rank < n_r), C (n_r <= rank < n_comp) and the kept set (rank < n_keep),
+        each in channel order: a block's offset in each list counts the members in the blocks before it."""
+        pid = tl.program_id(0)
+        before_r = tl.zeros((BLOCK,), dtype=tl.int32)
+        before_k = tl.zeros((BLOCK,), dtype=tl.int32)
+        before_c = tl.zeros((BLOCK,), dtype=tl.int32)
+        for j0 in range(0, pid * BLOCK, BLOCK):
+            rj = tl.load(rank_ptr + j0 + tl.arange(0, BLOCK))
+            before_r += (rj < n_r).to(tl.int32)
+            before_k += (rj < n_keep).to(tl.int32)
+            before_c += ((rj >= n_r) & (rj < n_comp)).to(tl.int32)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        rank = tl.load(rank_ptr + offs, mask=offs < n, other=n)
+        in_keep = rank < n_keep
+        keep_at = tl.sum(before_k, axis=0) + tl.cumsum(in_keep.to(tl.int32), axis=0) - 1
+        tl.store(keep_ptr + keep_at, offs, mask=in_keep)
+        if POP:  # R then C, each in channel order; R's rows head the down pass's row vector
+            in_r = rank < n_r
+            in_c = (rank >= n_r) & (rank < n_comp)
+            r_at = tl.sum(before_r, axis=0) + tl.cumsum(in_r.to(tl.int32), axis=0) - 1
+            c_at = tl.sum(before_c, axis=0) + tl.cumsum(in_c.to(tl.int32), axis=0) - 1
+            tl.store(chan_ptr + r_at, offs, mask=in_r)
+            tl.store(rows_ptr + r_at, offs, mask=in_r)
+            tl.store(chan_ptr + n_r + c_at, offs, mask=in_c)
+            tl.store(top_ptr + c_at, in_keep.to(tl.int8), mask=in_c)
+            tl.store(ccn_ptr + c_at, tl.load(cn_ptr + offs, mask=in_c, other=0.0), mask=in_c)
+        else:  # static: the kept set, in channel order
+            tl.store(chan_ptr + keep_at, offs, mask=in_keep)
+            tl.store(rows_ptr + keep_at, offs, mask=in_keep)
 
 # Launch parameters, chosen on an H100 by `benchmarks/pop_gpu_tune.py` (results/pop_gpu_tune_h100.json).
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
+RANK_CONFIG = {"BLOCK_I": 16, "BLOCK_J": 512, "num_warps": 4}
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
@@ -278,3 +337,26 @@ def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tenso
                                 BLOCK_B=max(16, triton.next_power_of_2(tokens)), HAS_ROWS=rows is not None,
                                 FINISH=acc is not None, **cfg)
     return target
+
+
+def partition_index(scores: torch.Tensor, n_retained: int, n_keep: int, n_computed: int, chan: torch.Tensor,
+                    rows: torch.Tensor, keep: torch.Tensor, in_top: torch.Tensor | None = None,
+                    col_norms_sq: torch.Tensor | None = None, cand_col_norms_sq: torch.Tensor | None = None,
+                    rank: torch.Tensor | None = None, rank_config: dict | None = None) -> None:
+    """POP's prefill partition as the channel vectors the decode kernels read, with no sort (two launches).
+
+    The sets are those of `partition.partition` (the top n_retained / n_keep / n_computed of the finite,
+    non-negative `scores`, ties to the lower channel id), each written in channel-id order: ``keep`` (int32,
+    n_keep) the kept set. With `in_top` (pop): ``chan`` = R then C, ``rows[:n_retained]`` = R, ``in_top``
+    flags the Candidates in the kept set and ``cand_col_norms_sq`` gets their squared down-column norms from
+    `col_norms_sq`. Without (static): ``chan`` = ``rows`` = the kept set. `rank` (int32, d_ff): scratch for
+    each channel's rank (allocated when omitted).
+    """
+    n = scores.numel()
+    pop = in_top is not None
+    rank = torch.empty(n, dtype=torch.int32, device=scores.device) if rank is None else rank
+    cfg = {**RANK_CONFIG, **(rank_config or {})}
+    _rank_kernel[(triton.cdiv(n, cfg["BLOCK_I"]),)](scores, rank, n, **cfg)
+    _compact_kernel[(triton.cdiv(n, 1024),)](rank, col_norms_sq if pop else scores, chan, rows, keep,
+                                             in_top if pop else keep, cand_col_norms_sq if pop else scores, n,
+                                             n_retained, n_keep, n_computed, POP=pop, BLOCK=1024, num_warps=4)
