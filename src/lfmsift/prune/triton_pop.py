@@ -342,19 +342,19 @@ def gathered_down(h: torch.Tensor, weight_rows: torch.Tensor, index: torch.Tenso
 def partition_index(scores: torch.Tensor, n_retained: int, n_keep: int, n_computed: int, chan: torch.Tensor,
                     rows: torch.Tensor, keep: torch.Tensor, in_top: torch.Tensor | None = None,
                     col_norms_sq: torch.Tensor | None = None, cand_col_norms_sq: torch.Tensor | None = None,
-                    rank: torch.Tensor | None = None, rank_config: dict | None = None) -> None:
+                    rank_config: dict | None = None) -> None:
     """POP's prefill partition as the channel vectors the decode kernels read, with no sort (two launches).
 
     The sets are those of `partition.partition` (the top n_retained / n_keep / n_computed of the finite,
     non-negative `scores`, ties to the lower channel id), each written in channel-id order: ``keep`` (int32,
     n_keep) the kept set. With `in_top` (pop): ``chan`` = R then C, ``rows[:n_retained]`` = R, ``in_top``
     flags the Candidates in the kept set and ``cand_col_norms_sq`` gets their squared down-column norms from
-    `col_norms_sq`. Without (static): ``chan`` = ``rows`` = the kept set. `rank` (int32, d_ff): scratch for
-    each channel's rank (allocated when omitted).
+    `col_norms_sq`. Without (static): ``chan`` = ``rows`` = the kept set. `rank_config` overrides
+    `RANK_CONFIG`.
     """
     n = scores.numel()
     pop = in_top is not None
-    rank = torch.empty(n, dtype=torch.int32, device=scores.device) if rank is None else rank
+    rank = torch.empty(n, dtype=torch.int32, device=scores.device)  # each channel's place in the order
     cfg = {**RANK_CONFIG, **(rank_config or {})}
     _rank_kernel[(triton.cdiv(n, cfg["BLOCK_I"]),)](scores, rank, n, **cfg)
     _compact_kernel[(triton.cdiv(n, 1024),)](rank, col_norms_sq if pop else scores, chan, rows, keep,
