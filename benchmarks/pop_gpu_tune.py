@@ -76,7 +76,7 @@ def main() -> None:
     indices = {m: torch.randperm(D_FF, device=dev)[:m].to(torch.int32) for m in DOWN_ROWS.values()}
 
     def cycling(call):  # call(i) on copy i: a graph of 20 calls reads each copy's weights in turn
-        counter = iter(range(1 << 30))
+        counter = itertools.count()
         return lambda: call(next(counter) % copies)
 
     kernels = args.kernels.split(",")
@@ -113,18 +113,18 @@ def main() -> None:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         down_rows.append(row)
 
-    def best(rows, shapes):
+    def ranked(rows, shapes):  # configurations that built, by summed batch-1 time, best first
         ok = [r for r in rows if "error" not in r]
-        return min(ok, key=lambda r: sum(r["seconds"][f"{s} b1"] for s in shapes))
+        return sorted(ok, key=lambda r: sum(r["seconds"][f"{s} b1"] for s in shapes))
 
     tuned = [("gated", GATE_ROWS, gated, 2 * HIDDEN * 2), ("down", DOWN_ROWS, down_rows, HIDDEN * 2)]
     tuned = [t for t in tuned if t[0] in kernels]
-    chosen = {kind: best(rows, shapes) for kind, shapes, rows, _ in tuned}
+    chosen = {kind: ranked(rows, shapes)[0] for kind, shapes, rows, _ in tuned}
     current = {"gated": triton_pop.GATED_CONFIG, "down": triton_pop.DOWN_CONFIG}
     for kind, shapes, rows, elem in tuned:
         cur = next((r for r in rows if r["config"] == current[kind] and "error" not in r), None)
         print(f"\n{kind}: best {chosen[kind]['config']}  (current {current[kind]})")
-        for r in sorted((r for r in rows if "error" not in r), key=lambda r: sum(r["seconds"][f"{s} b1"] for s in shapes))[:6]:
+        for r in ranked(rows, shapes)[:6]:
             print("  ", r["config"], " ".join(f"{k} {1e6 * v:.1f}" for k, v in r["seconds"].items()))
         for s, m in shapes.items():
             for b in (1, 10):
@@ -136,13 +136,13 @@ def main() -> None:
     # is what a launch costs whatever it reads (ramp-up and tail), the slope the bandwidth it streams at
     fits = {}
     for kind, shapes, rows, elem in tuned:
-        xs = [m * elem for m in shapes.values()]
-        ys = [chosen[kind]["seconds"][f"{s} b1"] for s in shapes]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        fits[kind] = {"fixed_us": 1e6 * (my - slope * mx), "bandwidth_tbs": 1 / slope / 1e12}
+        nbytes = [m * elem for m in shapes.values()]
+        secs = [chosen[kind]["seconds"][f"{s} b1"] for s in shapes]
+        mb, ms = sum(nbytes) / len(nbytes), sum(secs) / len(secs)
+        slope = sum((b - mb) * (t - ms) for b, t in zip(nbytes, secs)) / sum((b - mb) ** 2 for b in nbytes)
+        fits[kind] = {"fixed_us": 1e6 * (ms - slope * mb), "bandwidth_tbs": 1 / slope / 1e12}
         print(f"{kind}: time = {fits[kind]['fixed_us']:.1f} us + bytes / {fits[kind]['bandwidth_tbs']:.2f} TB/s "
-              f"(batch 1, {len(xs)} shapes)")
+              f"(batch 1, {len(nbytes)} shapes)")
     if args.json:
         write_json(args.json, {"task": "pop_gpu_tune", "device": torch.cuda.get_device_name(0), "cold": args.cold,
                                "chosen": {k: v["config"] for k, v in chosen.items()}, "fits": fits,
