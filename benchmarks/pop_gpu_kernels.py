@@ -4,8 +4,9 @@ Llama-2-7B FFN shapes, bf16, batch 1, the 20% and 40% targets: gate/up (fused Si
 through the channel index) over all of R + C, over the Candidate rows alone, over the first launch of the
 step (Candidates + Retained rows up to one program per SM) and over the rest; the Candidate selection;
 the down pass with the in-kernel finish (`DownAccumulator`) and with a zero-filled float32 output plus a
-cast (the two extra kernels it replaces); `pop_decode_step` with three sizes of its first launch; the whole
-POP module; the dense FFN for scale.
+cast (the two extra kernels it replaces); gate/up + selection in one launch (`gated_select`) and the step
+built on it; the split `pop_decode_step` with three sizes of its first launch; the whole POP module; the
+dense FFN for scale.
 
     python benchmarks/pop_gpu_kernels.py --json results/pop_gpu_kernels_h100.json
 """
@@ -57,6 +58,8 @@ def main() -> None:
         acc = triton_pop.DownAccumulator.for_shape(None, 1, cfg["hidden"], torch.device("cuda"))
         first = triton_pop.first_launch_rows(n_c, n_r, torch.device("cuda"))
         split = n - first
+        scratch = triton_pop.CandidateScratch.for_shape(None, 1, n_c, triton_pop.GATED_SELECT_SPLIT,
+                                                        torch.device("cuda"))
 
         def step(first_rows):
             return lambda x: triton_pop.pop_decode_step(flat, g, u, chan, n_r, pop.cand_col_norms_sq, down_t,
@@ -84,13 +87,18 @@ def main() -> None:
                                                                            rows=pop.down_rows, acc=acc),
             "down, zero-fill + float32 + cast": lambda x: triton_pop.gathered_down(
                 h, down_t, pop.down_index, rows=pop.down_rows).to(h.dtype),
+            "gate/up + selection in one launch (gated_select)": lambda x: triton_pop.gated_select(
+                flat, g, u, chan, n_r, pop.cand_col_norms_sq, pop.down_index, pop.down_rows, s.k_select, scratch),
+            "pop_decode_step, one launch (gated_select) + down": lambda x: triton_pop.pop_decode_step(
+                flat, g, u, chan, n_r, pop.cand_col_norms_sq, down_t, pop.down_index, pop.down_rows, s.k_select,
+                side, acc, scratch=scratch),
             "pop_decode_step, first launch = C": step(n_c),
             "pop_decode_step, first launch = C + R to 1 program/SM": step(first),
             "pop_decode_step, first launch = C + R to 2 programs/SM": step(
                 min(max(n_c, 2 * sms * triton_pop.GATED_CONFIG["BLOCK_N"]), n_c + n_r // 2)),
             "same, selection on the main stream (no fork/join)": lambda x: sequential(first, True),
             "same, no selection (lower bound: gate/up + down only)": lambda x: sequential(first, False),
-            "whole step (POPFFN)": pop,
+            "whole step (POPFFN, its choice of step)": pop,
         }
         print(f"target {target}: |R| {n_r}, |C| {n_c}, k {s.k_select}, first launch {first} rows")
         for name, fn in parts.items():

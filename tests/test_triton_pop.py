@@ -94,9 +94,11 @@ def test_partition_index_equals_the_sorted_partition(ties):
             else:
                 assert torch.equal(chan.long(), keep) and torch.equal(rows, chan)
 
+@pytest.mark.parametrize("step", ["always", "never"])  # gate/up + selection in one launch, or the split step
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_equals_torch_decode(batch, dtype):
+def test_triton_decode_equals_torch_decode(batch, dtype, step, monkeypatch):
+    monkeypatch.setattr(triton_pop, "GATED_SELECT", step)
     torch.manual_seed(batch)
     _, view = _mlp(256, 1000, dtype)
     fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
@@ -115,8 +117,7 @@ def test_triton_decode_equals_torch_decode(batch, dtype):
                 x = torch.randn(batch, 1, 256, device="cuda", dtype=dtype)
                 a, b = fast(x), slow(x)
                 # the same rule on the kernel's own activations: the k best Candidates, as channels
-                h = torch.empty((batch, chan.numel()), device="cuda", dtype=dtype)
-                triton_pop.gated_rows(x.reshape(batch, -1), view.gate_proj.weight, view.up_proj.weight, h, chan=fast.chan)
+                h = _step_activations(fast, view, x.reshape(batch, -1))
                 expected = chan[s.n_retained + fast._select(h[:, s.n_retained:], fast.cand_col_norms_sq, s.k_select)]
                 chosen_pos = fast.down_index[s.n_retained:].long()
                 chosen = fast.down_rows[s.n_retained:].long()
@@ -128,8 +129,55 @@ def test_triton_decode_equals_torch_decode(batch, dtype):
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             assert not fast.down_acc.acc.any() and not fast.down_acc.tickets.any()  # left clean for the next step
+            assert (fast.cand_scratch is not None) == (step == "always")
         # the selection kernel's own count of chosen channels that were in the prefill top set
         assert int(fast.counters.overlap_acc) == counted > 0
+
+
+def _step_activations(pop, view, x):
+    """The activations POP's Triton step computed for x: its kernels are deterministic, so a second call
+    on fresh scratch gives the same bits (the one-launch step sums split partials, gated_rows does not)."""
+    g, u = view.gate_proj.weight, view.up_proj.weight
+    if pop.cand_scratch is None:
+        h = torch.empty((x.shape[0], pop.chan.numel()), device="cuda", dtype=x.dtype)
+        return triton_pop.gated_rows(x, g, u, h, chan=pop.chan)
+    split = pop.cand_scratch.partial.shape[0] // 2
+    scratch = triton_pop.CandidateScratch.for_shape(None, x.shape[0], pop.sizes.n_candidates, split, x.device)
+    return triton_pop.gated_select(x, g, u, pop.chan, pop.sizes.n_retained, pop.cand_col_norms_sq,
+                                   pop.down_index.clone(), pop.down_rows.clone(), pop.sizes.k_select, scratch)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gated_select_computes_gated_rows_and_selects_what_select_candidates_does(tokens, split):
+    torch.manual_seed(tokens * 10 + split)
+    hidden, d_ff, n_r, n_c, k = 512, 1500, 500, 333, 150
+    g = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    u = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    chan = torch.randperm(d_ff, device="cuda")[: n_r + n_c].to(torch.int32)
+    tied = chan[n_r::8].long()  # every 8th Candidate has the same gate/up rows: tied scores
+    g[tied], u[tied] = g[tied[0]].clone(), u[tied[0]].clone()
+    cn = torch.ones(n_c, device="cuda")
+    in_top = (torch.rand(n_c, device="cuda") < 0.5).to(torch.int8)
+    scratch = triton_pop.CandidateScratch.for_shape(None, tokens, n_c, split, torch.device("cuda"))
+    overlap, expected_overlap = torch.zeros((), dtype=torch.long, device="cuda"), 0
+    blocks = -(-n_c // triton_pop.GATED_CONFIG["BLOCK_N"])
+    for call in range(3):  # scratch is reused: tickets back at zero, the done count grows
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        index = torch.arange(n_r + k, device="cuda", dtype=torch.int32)
+        rows = chan[:n_r + k].clone()
+        index[n_r:], rows[n_r:] = -1, -1
+        h = triton_pop.gated_select(x, g, u, chan, n_r, cn, index, rows, k, scratch, overlap, in_top)
+        ref = torch.empty_like(h)
+        triton_pop.gated_rows(x, g, u, ref, chan=chan)
+        torch.testing.assert_close(h, ref, rtol=2e-2, atol=2e-3)
+        want = torch.arange(n_r + k, device="cuda", dtype=torch.int32)
+        triton_pop.select_candidates(h, cn, want, n_r, k)
+        assert torch.equal(torch.sort(index[n_r:]).values, torch.sort(want[n_r:]).values)  # the same positions
+        assert torch.equal(rows[n_r:], chan[index[n_r:].long()])
+        expected_overlap += int(in_top[index[n_r:].long() - n_r].sum())
+        assert int(overlap) == expected_overlap
+        assert not scratch.tickets.any() and int(scratch.done) == (call + 1) * blocks
 
 
 def test_long_decode_step_falls_back_to_slices():

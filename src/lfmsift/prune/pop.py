@@ -144,6 +144,7 @@ class POPFFN(nn.Module):
         self.keep_index: torch.Tensor | None = None  # int32 (n_keep,): the prefill's kept set by id (Triton)
         self.cand_in_top: torch.Tensor | None = None  # int8 (|C|,): Candidate in the prefill top set (Triton)
         self.down_acc = None  # triton_pop.DownAccumulator of the down pass (Triton path)
+        self.cand_scratch = None  # triton_pop.CandidateScratch of the one-launch gate/up (Triton path)
         self._indexed = False  # this prompt's decode runs the Triton kernels over `chan`
         self._slices_for: Partition | None = None  # the partition w_gate_up / w_down_rows were built for
         self._side_stream = None  # CUDA stream the Candidate selection runs on (Triton path)
@@ -315,7 +316,8 @@ class POPFFN(nn.Module):
                 _, out = triton_pop.pop_decode_step(
                     x.reshape(-1, hid).contiguous(), self._gate.weight, self._up.weight, self.chan, n_r,
                     self.cand_col_norms_sq, self._transposed_down(), self.down_index, self.down_rows, k,
-                    self._side_stream, self._accumulator(tokens, x.device), c.overlap_acc, self.cand_in_top)
+                    self._side_stream, self._accumulator(tokens, x.device), c.overlap_acc, self.cand_in_top,
+                    scratch=self._candidate_scratch(tokens, x.device))
                 out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
                 c.overlap_fixed += n_r  # the selection kernel counted the chosen in the prefill top set
             else:
@@ -369,6 +371,16 @@ class POPFFN(nn.Module):
     def _accumulator(self, tokens: int, device: torch.device):
         self.down_acc = triton_pop.DownAccumulator.for_shape(self.down_acc, tokens, self.hidden_size, device)
         return self.down_acc
+
+    def _candidate_scratch(self, tokens: int, device: torch.device):
+        """Scratch for the one-launch gate/up + selection (`triton_pop.gated_select`), or None where the split
+        step runs (`triton_pop.use_gated_select`)."""
+        s = self.sizes
+        if not triton_pop.use_gated_select(tokens, s.n_retained, s.n_candidates, device):
+            return None
+        self.cand_scratch = triton_pop.CandidateScratch.for_shape(self.cand_scratch, tokens, s.n_candidates,
+                                                                  triton_pop.GATED_SELECT_SPLIT, device)
+        return self.cand_scratch
 
     def _add_down_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self._down.bias is None else out + self._down.bias

@@ -21,9 +21,14 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
 - `partition_index`: the prefill's partition with no sort — each channel's rank in the stable descending
   order of the scores by pairwise comparison, then R, C and the kept set written in channel order (the
   channel vectors the kernels below read);
-- `pop_decode_step`: gate/up over the Candidate rows (topped up with Retained rows to fill one wave of
-  the GPU) first, the selection on a side stream while gate/up runs over the remaining Retained rows, then
-  one down pass over the Retained + selected rows.
+- `gated_select`: gate/up over R + C and the selection in one launch — the Candidate rows first, each
+  block split along the hidden dimension so that it finishes early; each block's last slice writes its
+  activations and scores, then ranks its Candidates against all of them once every block has (the
+  Retained programs stream meanwhile and never wait);
+- `pop_decode_step`: that launch then one down pass over the Retained + selected rows, or (the split
+  step, where `use_gated_select` says the one launch does not pay) gate/up over the Candidate rows
+  (topped up with Retained rows to fill one wave of the GPU) first, the selection on a side stream while
+  gate/up runs over the remaining Retained rows, then the down pass.
 
 No weight row outside R + selected is read. All kernels are CUDA-graph safe (fixed shapes, no host sync).
 Channel vectors are sorted by channel id within R and within C, so rows are read in address order.
@@ -120,19 +125,12 @@ if triton is not None:
                 tl.atomic_xchg(ticket_ptr + pid_n, 0)
 
     @triton.jit
-    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_CHAN: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_b = tl.arange(0, BLOCK_B)
-        nmask = offs_n < n
-        bmask = offs_b < B
-        rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0) if HAS_CHAN else offs_n
-        row_off = rows.to(tl.int64) * stride_wn
+    def _gated_dots(x_ptr, g_ptr, u_ptr, row_off, nmask, offs_b, bmask, k_lo, k_hi, K, stride_xb,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """float32 ``x[:, k_lo:k_hi] @ gate[rows, k_lo:k_hi]^T`` and the same for up, rows at `row_off`."""
         acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
             xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
@@ -142,9 +140,116 @@ if triton is not None:
             wu = tl.load(u_ptr + row_off[None, :] + offs_k[:, None], mask=wmask, other=0.0)
             acc_g += tl.dot(xv, wg)
             acc_u += tl.dot(xv, wu)
+        return acc_g, acc_u
+
+    @triton.jit
+    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
+                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_CHAN: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_B)
+        nmask = offs_n < n
+        bmask = offs_b < B
+        rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0) if HAS_CHAN else offs_n
+        acc_g, acc_u = _gated_dots(x_ptr, g_ptr, u_ptr, rows.to(tl.int64) * stride_wn, nmask, offs_b, bmask, 0, K, K,
+                                   stride_xb, BLOCK_B, BLOCK_N, BLOCK_K)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
         tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=bmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _fence_all_threads(x):
+        """``fence.acq_rel.gpu`` in every thread (x: an int32 tensor with an element in each thread): this
+        program's earlier global writes are then visible GPU-wide before a CTA barrier and one thread's
+        atomic announce them (a fence in that thread alone does not wait for the other warps' writes)."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def _gated_rank_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, part_ptr, score_ptr, ticket_ptr, done_ptr, cn_ptr,
+                           idx_ptr, rows_ptr, top_ptr, cnt_ptr, B, n_r, n_c, k, K, stride_xb, stride_wn, stride_hb,
+                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                           BLOCK_C: tl.constexpr, COUNT: tl.constexpr):
+        """Gate/up over R + C and the Candidate selection in one launch, the selection spread over the
+        Candidate blocks (see `gated_select`).
+
+        The first SPLIT x (Candidate row blocks) programs each take 1/SPLIT of the hidden dimension of a
+        block of Candidate rows and store their partial sums in their own slot of ``part``; the last slice
+        of a block (by ticket) adds the slots up and writes the block's h. Those block finishers then wait
+        for each other (``done`` counts finished blocks and only grows: the call's target is the next
+        multiple of the block count) and each ranks its Candidates against all of C (score greater, or
+        equal at a lower position): rank < k are chosen and written at their rank behind the Retained
+        positions. The Retained programs after them never wait, so the waits cannot hold up a launch."""
+        pid = tl.program_id(0)
+        n_cblocks = tl.cdiv(n_c, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_B)
+        bmask = offs_b < B
+        if pid < n_cblocks * SPLIT:
+            cb = pid // SPLIT
+            sl = pid % SPLIT
+            k_len = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+            offs_c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = offs_c < n_c
+            rows = tl.load(chan_ptr + n_r + offs_c, mask=cmask, other=0)
+            acc_g, acc_u = _gated_dots(x_ptr, g_ptr, u_ptr, rows.to(tl.int64) * stride_wn, cmask, offs_b, bmask,
+                                       sl * k_len, tl.minimum(sl * k_len + k_len, K), K, stride_xb, BLOCK_B, BLOCK_N,
+                                       BLOCK_K)
+            tile = offs_b[:, None] * n_c + offs_c[None, :]
+            tmask = bmask[:, None] & cmask[None, :]
+            tl.store(part_ptr + (2 * sl) * B * n_c + tile, acc_g, mask=tmask)
+            tl.store(part_ptr + (2 * sl + 1) * B * n_c + tile, acc_u, mask=tmask)
+            _fence_all_threads(tile)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + cb, 1)
+            if ticket == SPLIT - 1:  # every slice of this block is in: its activations and scores
+                tl.atomic_xchg(ticket_ptr + cb, 0)
+                gs = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                us = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(SPLIT):
+                    gs += tl.load(part_ptr + (2 * j) * B * n_c + tile, mask=tmask, other=0.0, cache_modifier=".cg")
+                    us += tl.load(part_ptr + (2 * j + 1) * B * n_c + tile, mask=tmask, other=0.0, cache_modifier=".cg")
+                h = (gs / (1.0 + tl.exp(-gs)) * us).to(h_ptr.dtype.element_ty)
+                tl.store(h_ptr + offs_b[:, None] * stride_hb + n_r + offs_c[None, :], h, mask=tmask)
+                hf = h.to(tl.float32)
+                mine = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for b in range(B):  # token by token, as `select_candidates` sums: the same float32 scores
+                    hb = tl.sum(tl.where(offs_b[:, None] == b, hf, 0.0), axis=0)
+                    mine += hb * hb
+                mine = mine * tl.load(cn_ptr + offs_c, mask=cmask, other=0.0)
+                tl.store(score_ptr + offs_c, mine, mask=cmask)
+                _fence_all_threads(tile)
+                tl.debug_barrier()
+                old = tl.atomic_add(done_ptr, 1)
+                target = (old // n_cblocks + 1) * n_cblocks
+                seen = tl.atomic_add(done_ptr, 0, sem="acquire")
+                while seen < target:  # the other Candidate blocks' scores
+                    seen = tl.atomic_add(done_ptr, 0, sem="acquire")
+                # every score in one load (one round trip to L2: those are slow beside the streaming
+                # programs), then each of this block's Candidates counted against them
+                offs_j = tl.arange(0, BLOCK_C)
+                sj = tl.load(score_ptr + offs_j, mask=offs_j < n_c, other=-1.0, cache_modifier=".cg")
+                lane = tl.arange(0, BLOCK_N)
+                rank = tl.zeros((BLOCK_N,), dtype=tl.int32)
+                for i in tl.static_range(BLOCK_N):
+                    m_i = tl.sum(tl.where(lane == i, mine, 0.0), axis=0)
+                    ahead = (sj > m_i) | ((sj == m_i) & (offs_j < cb * BLOCK_N + i))
+                    rank = tl.where(lane == i, tl.sum(ahead.to(tl.int32), axis=0), rank)
+                chosen = cmask & (rank < k)
+                tl.store(idx_ptr + n_r + rank, n_r + offs_c, mask=chosen)
+                tl.store(rows_ptr + n_r + rank, rows, mask=chosen)
+                if COUNT:  # how many of the chosen were in the prefill's top set
+                    in_top = tl.load(top_ptr + offs_c, mask=chosen, other=0) != 0
+                    tl.atomic_add(cnt_ptr, tl.sum((chosen & in_top).to(tl.int64), axis=0))
+        else:
+            offs_n = (pid - n_cblocks * SPLIT) * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < n_r
+            rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0)
+            acc_g, acc_u = _gated_dots(x_ptr, g_ptr, u_ptr, rows.to(tl.int64) * stride_wn, nmask, offs_b, bmask, 0, K,
+                                       K, stride_xb, BLOCK_B, BLOCK_N, BLOCK_K)
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=bmask[:, None] & nmask[None, :])
 
     @triton.jit
     def _rank_kernel(sc_ptr, rank_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -206,6 +311,11 @@ if triton is not None:
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
 RANK_CONFIG = {"BLOCK_I": 16, "BLOCK_J": 512, "num_warps": 4}
+GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate rows in `gated_select`
+# When POP's step runs gate/up + selection as one launch (`gated_select`) rather than the split step:
+# "auto" (`use_gated_select`), "always" (where it may run) or "never".
+GATED_SELECT = "auto"
+GATED_SELECT_MIN_RETAINED_PER_CANDIDATE = 6  # "auto" at several tokens: |R| >= 6 |C| (H100 measurements)
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
@@ -264,17 +374,22 @@ def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan:
                     cand_col_norms_sq: torch.Tensor, down_t: torch.Tensor, index: torch.Tensor,
                     down_rows: torch.Tensor, k: int, side: torch.cuda.Stream, acc: DownAccumulator,
                     overlap: torch.Tensor | None = None, in_top: torch.Tensor | None = None,
-                    first_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    first_rows: int | None = None, scratch: CandidateScratch | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """POP's whole decode step with the selection off the critical path. Returns (h, output in x's dtype).
 
     `chan` (int32) names the R channels then the C channels (rows of `gate` / `up` / `down_t`, the model's
-    own weights, down_proj transposed); h's columns follow it. Gate/up runs first over the last
+    own weights, down_proj transposed); h's columns follow it. With `scratch`, gate/up and the selection
+    are one launch (`gated_select`), then the down pass. Without (the split step), gate/up runs first over the last
     `first_rows` positions (the Candidates and the Retained rows just before them), then — while a side
     stream selects the k best Candidates from those activations — over the remaining Retained rows, then
     one down pass over the Retained + selected rows. `index` / `down_rows` (int32, n_keep) hold the R
     positions / channels and receive the selected ones behind them. Fork/join between two streams: safe
     inside a CUDA graph capture. `overlap` / `in_top`: see `select_candidates`.
     """
+    if scratch is not None:
+        h = gated_select(x, gate, up, chan, n_retained, cand_col_norms_sq, index, down_rows, k, scratch, overlap, in_top)
+        return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
     n = chan.numel()
     if first_rows is None:
         first_rows = first_launch_rows(n - n_retained, n_retained, x.device)
@@ -289,6 +404,79 @@ def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan:
     main.wait_stream(side)
     h.record_stream(side)
     return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
+
+
+@dataclass
+class CandidateScratch:
+    """Persistent scratch of `gated_select` for one layer: float32 partial gate/up sums of the Candidate
+    rows (one slot per slice of the hidden dimension), their scores, one ticket per block of Candidate rows
+    (zero between calls) and a count of finished blocks that only grows (int64)."""
+
+    partial: torch.Tensor
+    scores: torch.Tensor
+    tickets: torch.Tensor
+    done: torch.Tensor
+
+    @classmethod
+    def for_shape(cls, current: "CandidateScratch | None", tokens: int, n_cand: int, split: int,
+                  device: torch.device) -> "CandidateScratch":
+        shape = (2 * split, tokens, n_cand)
+        if current is not None and current.partial.shape == shape and current.partial.device == device:
+            return current
+        n_blocks = triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"])
+        return cls(torch.zeros(shape, dtype=torch.float32, device=device),
+                   torch.zeros(n_cand, dtype=torch.float32, device=device),
+                   torch.zeros(n_blocks, dtype=torch.int32, device=device),
+                   torch.zeros(1, dtype=torch.int64, device=device))
+
+
+def use_gated_select(tokens: int, n_retained: int, n_cand: int, device: torch.device) -> bool:
+    """Whether POP's step runs `gated_select` (one launch for gate/up and the selection) instead of the split
+    step (three launches, the selection on a side stream).
+
+    It may run while its Candidate block finishers, which wait for each other, take at most one program
+    slot per streaming multiprocessor (the rest stay free for the programs they wait on). It pays where the
+    Retained rows stream long enough to hide the Candidates' chain of dependent round trips to L2 (partial
+    sums, scores, a count, the ranking): on an H100 it was as fast or faster for one token at every shape
+    measured (Llama-2-7B / Llama-3.1-8B FFN at the 20% and 40% targets), slower at ten tokens where
+    |R| < 6 |C| (the 40% targets). `GATED_SELECT` overrides the choice ("always" / "never").
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if GATED_SELECT == "never" or not 0 < triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"]) <= sms:
+        return False
+    return (GATED_SELECT == "always" or tokens == 1
+            or n_retained >= GATED_SELECT_MIN_RETAINED_PER_CANDIDATE * n_cand)
+
+
+def gated_select(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
+                 cand_col_norms_sq: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, k: int,
+                 scratch: CandidateScratch, overlap: torch.Tensor | None = None,
+                 in_top: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate/up over R + C and the selection of the k best Candidates in one launch; returns h (tokens, |R u C|).
+
+    The Candidate rows run first, each block split ``scratch.partial.shape[0] // 2`` ways along the hidden
+    dimension so that it finishes while the Retained rows still stream; each block's finisher ranks its
+    Candidates against all (the rule of `select_candidates`: the same set for the same h) and writes the
+    chosen into ``index[n_retained:]`` / ``rows[n_retained:]`` at their rank. `overlap` / `in_top`: see
+    `select_candidates`. Needs every Candidate block's finisher able to wait for the others: true of any
+    launch whose later programs (the Retained rows) never wait.
+    """
+    tokens, hidden = x.shape
+    n_cand = cand_col_norms_sq.numel()
+    split = scratch.partial.shape[0] // 2
+    if scratch.partial.shape[1:] != (tokens, n_cand):
+        raise ValueError(f"scratch of shape {tuple(scratch.partial.shape)} does not fit ({tokens}, {n_cand})")
+    cfg = dict(GATED_CONFIG)
+    block_n = cfg.pop("BLOCK_N")
+    h = torch.empty((tokens, chan.numel()), dtype=x.dtype, device=x.device)
+    count = overlap is not None and in_top is not None
+    grid = (triton.cdiv(n_cand, block_n) * split + triton.cdiv(n_retained, block_n),)
+    _gated_rank_kernel[grid](
+        x, gate, up, chan, h, scratch.partial, scratch.scores, scratch.tickets, scratch.done, cand_col_norms_sq,
+        index, rows, in_top if count else index, overlap if count else index, tokens, n_retained, n_cand, k, hidden,
+        x.stride(0), gate.stride(0), h.stride(0), BLOCK_B=max(16, triton.next_power_of_2(tokens)), BLOCK_N=block_n,
+        SPLIT=split, BLOCK_C=triton.next_power_of_2(n_cand), COUNT=count, **cfg)
+    return h
 
 
 def select_candidates(h: torch.Tensor, cand_col_norms_sq: torch.Tensor, index: torch.Tensor, n_retained: int, k: int,
