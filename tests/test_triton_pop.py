@@ -94,11 +94,11 @@ def test_partition_index_equals_the_sorted_partition(ties):
             else:
                 assert torch.equal(chan.long(), keep) and torch.equal(rows, chan)
 
-@pytest.mark.parametrize("step", ["always", "never"])  # gate/up + selection in one launch, or the split step
+@pytest.mark.parametrize("gated_select", ["always", "never"])  # gate/up + selection in one launch, or split step
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_equals_torch_decode(batch, dtype, step, monkeypatch):
-    monkeypatch.setattr(triton_pop, "GATED_SELECT", step)
+def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypatch):
+    monkeypatch.setattr(triton_pop, "GATED_SELECT", gated_select)
     torch.manual_seed(batch)
     _, view = _mlp(256, 1000, dtype)
     fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
@@ -129,7 +129,7 @@ def test_triton_decode_equals_torch_decode(batch, dtype, step, monkeypatch):
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             assert not fast.down_acc.acc.any() and not fast.down_acc.tickets.any()  # left clean for the next step
-            assert (fast.cand_scratch is not None) == (step == "always")
+            assert (fast.cand_scratch is not None) == (gated_select == "always")
         # the selection kernel's own count of chosen channels that were in the prefill top set
         assert int(fast.counters.overlap_acc) == counted > 0
 

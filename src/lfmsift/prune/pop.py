@@ -376,7 +376,7 @@ class POPFFN(nn.Module):
         """Scratch for the one-launch gate/up + selection (`triton_pop.gated_select`), or None where the split
         step runs (`triton_pop.use_gated_select`)."""
         s = self.sizes
-        if not triton_pop.use_gated_select(tokens, s.n_retained, s.n_candidates, device):
+        if not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
             return None
         self.cand_scratch = triton_pop.CandidateScratch.for_shape(self.cand_scratch, tokens, s.n_candidates,
                                                                   triton_pop.GATED_SELECT_SPLIT, device)

@@ -315,7 +315,7 @@ GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate 
 # When POP's step runs gate/up + selection as one launch (`gated_select`) rather than the split step:
 # "auto" (`use_gated_select`), "always" (where it may run) or "never".
 GATED_SELECT = "auto"
-GATED_SELECT_MIN_RETAINED_PER_CANDIDATE = 6  # "auto" at several tokens: |R| >= 6 |C| (H100 measurements)
+GATED_SELECT_MIN_RETAINED_PER_CANDIDATE = 5  # "auto": |R| >= 5 |C| (see `use_gated_select`)
 
 
 def gated_rows(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor,
@@ -430,22 +430,22 @@ class CandidateScratch:
                    torch.zeros(1, dtype=torch.int64, device=device))
 
 
-def use_gated_select(tokens: int, n_retained: int, n_cand: int, device: torch.device) -> bool:
+def use_gated_select(n_retained: int, n_cand: int, device: torch.device) -> bool:
     """Whether POP's step runs `gated_select` (one launch for gate/up and the selection) instead of the split
     step (three launches, the selection on a side stream).
 
     It may run while its Candidate block finishers, which wait for each other, take at most one program
     slot per streaming multiprocessor (the rest stay free for the programs they wait on). It pays where the
     Retained rows stream long enough to hide the Candidates' chain of dependent round trips to L2 (partial
-    sums, scores, a count, the ranking): on an H100 it was as fast or faster for one token at every shape
-    measured (Llama-2-7B / Llama-3.1-8B FFN at the 20% and 40% targets), slower at ten tokens where
-    |R| < 6 |C| (the 40% targets). `GATED_SELECT` overrides the choice ("always" / "never").
+    sums, scores, a count, the ranking): on an H100, |R| >= 6.5 |C| (Llama-2-7B / Llama-3.1-8B FFN at the
+    20% target) was 4-8% faster at one and ten tokens, |R| <= 4.6 |C| (the 40% targets) from 4% faster to
+    6% slower, so "auto" takes it from |R| >= 5 |C|. `GATED_SELECT` overrides the choice ("always" /
+    "never").
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if GATED_SELECT == "never" or not 0 < triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"]) <= sms:
         return False
-    return (GATED_SELECT == "always" or tokens == 1
-            or n_retained >= GATED_SELECT_MIN_RETAINED_PER_CANDIDATE * n_cand)
+    return GATED_SELECT == "always" or n_retained >= GATED_SELECT_MIN_RETAINED_PER_CANDIDATE * n_cand
 
 
 def gated_select(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
