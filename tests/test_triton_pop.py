@@ -180,6 +180,21 @@ def test_gated_select_computes_gated_rows_and_selects_what_select_candidates_doe
         assert not scratch.tickets.any() and int(scratch.done) == (call + 1) * blocks
 
 
+def test_gated_select_refuses_more_candidate_blocks_than_sms():
+    """Its block finishers wait for each other: more blocks than SMs could fill the GPU with waiting ones."""
+    device = torch.device("cuda")
+    n_c = triton_pop.GATED_CONFIG["BLOCK_N"] * torch.cuda.get_device_properties(device).multi_processor_count + 1
+    assert not triton_pop.use_gated_select(100 * n_c, n_c, device)  # the split step runs instead
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_c, 64, device="cuda", dtype=torch.bfloat16)
+    chan = torch.arange(n_c, device="cuda", dtype=torch.int32)
+    index = torch.zeros(n_c // 2, device="cuda", dtype=torch.int32)
+    scratch = triton_pop.CandidateScratch.for_shape(None, 1, n_c, 1, device)
+    with pytest.raises(ValueError, match="streaming multiprocessor"):
+        triton_pop.gated_select(x, w, w, chan, 0, torch.ones(n_c, device="cuda"), index, index.clone(), n_c // 2,
+                                scratch)
+
+
 def test_long_decode_step_falls_back_to_slices():
     """A decode forward of more than 64 tokens takes PyTorch's matmuls over slices built on demand."""
     torch.manual_seed(3)

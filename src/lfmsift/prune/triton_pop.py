@@ -437,15 +437,20 @@ def use_gated_select(n_retained: int, n_cand: int, device: torch.device) -> bool
     It may run while its Candidate block finishers, which wait for each other, take at most one program
     slot per streaming multiprocessor (the rest stay free for the programs they wait on). It pays where the
     Retained rows stream long enough to hide the Candidates' chain of dependent round trips to L2 (partial
-    sums, scores, a count, the ranking): on an H100, |R| >= 6.5 |C| (Llama-2-7B / Llama-3.1-8B FFN at the
-    20% target) was 4-8% faster at one and ten tokens, |R| <= 4.6 |C| (the 40% targets) from 4% faster to
-    6% slower, so "auto" takes it from |R| >= 5 |C|. `GATED_SELECT` overrides the choice ("always" /
-    "never").
+    sums, scores, a count, the ranking): on an H100, at |R| >= 6.5 |C| (Llama-2-7B / Llama-3.1-8B FFN at the
+    20% target) it was as fast or up to 8% faster at one and ten tokens, at |R| <= 4.6 |C| (the 40% targets)
+    between 4% faster and 5% slower, so "auto" takes it from |R| >= 5 |C|. `GATED_SELECT` overrides the
+    choice ("always" / "never").
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if GATED_SELECT == "never" or not 0 < triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"]) <= sms:
+    if GATED_SELECT == "never" or not _finishers_fit(n_cand, device):
         return False
     return GATED_SELECT == "always" or n_retained >= GATED_SELECT_MIN_RETAINED_PER_CANDIDATE * n_cand
+
+
+def _finishers_fit(n_cand: int, device: torch.device) -> bool:
+    """At least one and at most one Candidate block per streaming multiprocessor (see `use_gated_select`)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return 0 < triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"]) <= sms
 
 
 def gated_select(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
@@ -458,12 +463,15 @@ def gated_select(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: to
     dimension so that it finishes while the Retained rows still stream; each block's finisher ranks its
     Candidates against all (the rule of `select_candidates`: the same set for the same h) and writes the
     chosen into ``index[n_retained:]`` / ``rows[n_retained:]`` at their rank. `overlap` / `in_top`: see
-    `select_candidates`. Needs every Candidate block's finisher able to wait for the others: true of any
-    launch whose later programs (the Retained rows) never wait.
+    `select_candidates`. The block finishers wait for each other, so at most one Candidate block per
+    streaming multiprocessor is allowed (`use_gated_select`).
     """
     tokens, hidden = x.shape
     n_cand = cand_col_norms_sq.numel()
     split = scratch.partial.shape[0] // 2
+    if not _finishers_fit(n_cand, x.device):
+        raise ValueError(f"gated_select takes at least one and at most one block of {GATED_CONFIG['BLOCK_N']} "
+                         f"Candidates per streaming multiprocessor; got {n_cand} Candidates")
     if scratch.partial.shape[1:] != (tokens, n_cand):
         raise ValueError(f"scratch of shape {tuple(scratch.partial.shape)} does not fit ({tokens}, {n_cand})")
     cfg = dict(GATED_CONFIG)
