@@ -143,11 +143,10 @@ if triton is not None:
         return acc_g, acc_u
 
     @triton.jit
-    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
-                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_CHAN: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _gated_block(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, block, B, n, K, stride_xb, stride_wn, stride_hb,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CHAN: tl.constexpr):
+        """``h[:, cols] = silu(x gate[rows]^T) * (x up[rows]^T)`` for the block-th BLOCK_N of the n columns."""
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         nmask = offs_n < n
         bmask = offs_b < B
@@ -157,6 +156,13 @@ if triton is not None:
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
         tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=bmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
+                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_CHAN: tl.constexpr):
+        _gated_block(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, tl.program_id(0), B, n, K, stride_xb, stride_wn, stride_hb,
+                     BLOCK_B, BLOCK_N, BLOCK_K, HAS_CHAN)
 
     @triton.jit
     def _fence_all_threads(x):
@@ -241,15 +247,9 @@ if triton is not None:
                 if COUNT:  # how many of the chosen were in the prefill's top set
                     in_top = tl.load(top_ptr + offs_c, mask=chosen, other=0) != 0
                     tl.atomic_add(cnt_ptr, tl.sum((chosen & in_top).to(tl.int64), axis=0))
-        else:
-            offs_n = (pid - n_cblocks * SPLIT) * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < n_r
-            rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0)
-            acc_g, acc_u = _gated_dots(x_ptr, g_ptr, u_ptr, rows.to(tl.int64) * stride_wn, nmask, offs_b, bmask, 0, K,
-                                       K, stride_xb, BLOCK_B, BLOCK_N, BLOCK_K)
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                     mask=bmask[:, None] & nmask[None, :])
+        else:  # a block of Retained rows (the first n_r columns)
+            _gated_block(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, pid - n_cblocks * SPLIT, B, n_r, K, stride_xb, stride_wn,
+                         stride_hb, BLOCK_B, BLOCK_N, BLOCK_K, True)
 
     @triton.jit
     def _rank_kernel(sc_ptr, rank_ptr, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -388,7 +388,8 @@ def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan:
     inside a CUDA graph capture. `overlap` / `in_top`: see `select_candidates`.
     """
     if scratch is not None:
-        h = gated_select(x, gate, up, chan, n_retained, cand_col_norms_sq, index, down_rows, k, scratch, overlap, in_top)
+        h = gated_select(x, gate, up, chan, n_retained, cand_col_norms_sq, index, down_rows, k, scratch, overlap,
+                         in_top)
         return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
     n = chan.numel()
     if first_rows is None:
