@@ -121,6 +121,9 @@ if triton is not None:
             if ticket == tl.num_programs(1) - 1:
                 total = tl.load(acc_ptr + tile, mask=tmask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=tmask)
+                # every thread's load is in before any zero goes out: the compiler may give the load and the
+                # store different thread layouts, so another thread could otherwise zero a sum first
+                tl.debug_barrier()
                 tl.store(acc_ptr + tile, tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), mask=tmask)
                 tl.atomic_xchg(ticket_ptr + pid_n, 0)
 
