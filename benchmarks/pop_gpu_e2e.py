@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", default="hf,compiled", help="hf and/or compiled (see the docstring)")
     parser.add_argument("--methods", default=",".join(f"{m}:{t}" if t else m for m, t in METHODS))
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled step")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="inductor's coordinate-descent tuning of the compiled step's kernels (slower compile)")
     parser.add_argument("--prefill", choices=("eager", "graph"), default="eager",
                         help="run the prompt eagerly or replay it from a CUDA graph (see the docstring)")
     parser.add_argument("--json", default=None)
@@ -137,6 +139,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     device = torch.device("cuda")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = args.coordinate_descent
     rows = []
     for name in args.models.split(","):
         t0 = time.time()
@@ -187,7 +192,8 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"task": "pop_gpu_e2e", "device": torch.cuda.get_device_name(0),
                                "prompt_tokens": args.prompt, "new_tokens": args.steps,
-                               "compile_mode": args.compile_mode, "prefill": args.prefill, "rows": rows},
+                               "compile_mode": args.compile_mode, "coordinate_descent": args.coordinate_descent,
+                               "prefill": args.prefill, "rows": rows},
                    command=["python", *sys.argv])
 
 

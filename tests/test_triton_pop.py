@@ -94,7 +94,7 @@ def test_partition_index_equals_the_sorted_partition(ties):
             else:
                 assert torch.equal(chan.long(), keep) and torch.equal(rows, chan)
 
-@pytest.mark.parametrize("gated_select", ["always", "never"])  # gate/up + selection in one launch, or split step
+@pytest.mark.parametrize("gated_select", ["always", "never"])  # gate/up + selection in one launch, or ranked_step
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypatch):
@@ -129,16 +129,17 @@ def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypat
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             assert not fast.down_acc.acc.any() and not fast.down_acc.tickets.any()  # left clean for the next step
-            assert (fast.cand_scratch is not None) == (gated_select == "always")
+            assert isinstance(fast.cand_scratch, triton_pop.CandidateScratch) == (gated_select == "always")
         # the selection kernel's own count of chosen channels that were in the prefill top set
         assert int(fast.counters.overlap_acc) == counted > 0
 
 
 def _step_activations(pop, view, x):
     """The activations POP's Triton step computed for x: its kernels are deterministic, so a second call
-    on fresh scratch gives the same bits (the one-launch step sums split partials, gated_rows does not)."""
+    on fresh scratch gives the same bits (the one-launch step sums split partials; ranked_step's gate/up
+    computes what gated_rows does)."""
     g, u = view.gate_proj.weight, view.up_proj.weight
-    if pop.cand_scratch is None:
+    if not isinstance(pop.cand_scratch, triton_pop.CandidateScratch):
         h = torch.empty((x.shape[0], pop.chan.numel()), device="cuda", dtype=x.dtype)
         return triton_pop.gated_rows(x, g, u, h, chan=pop.chan)
     split = pop.cand_scratch.partial.shape[0] // 2
@@ -180,11 +181,50 @@ def test_gated_select_computes_gated_rows_and_selects_what_select_candidates_doe
         assert not scratch.tickets.any() and int(scratch.done) == (call + 1) * blocks
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+@pytest.mark.parametrize("n_c", [333, 3000])  # 3,000 Candidates: more blocks than SMs (no limit here)
+def test_ranked_step_computes_gated_rows_selects_what_select_candidates_does_and_its_down(tokens, n_c):
+    torch.manual_seed(tokens * 10 + n_c)
+    hidden, d_ff, n_r = 512, 5000, 700
+    k = n_c // 2
+    g = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    u = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    down_t = torch.randn(d_ff, 384, device="cuda", dtype=torch.bfloat16) * 0.05
+    chan = torch.randperm(d_ff, device="cuda")[: n_r + n_c].to(torch.int32)
+    tied = chan[n_r::8].long()  # every 8th Candidate has the same gate/up rows: tied scores
+    g[tied], u[tied] = g[tied[0]].clone(), u[tied[0]].clone()
+    cn = torch.rand(n_c, device="cuda") + 0.5
+    cn[::8] = 1.0
+    in_top = (torch.rand(n_c, device="cuda") < 0.5).to(torch.int8)
+    scratch = triton_pop.RankScratch.for_shape(None, n_c, torch.device("cuda"))
+    acc = triton_pop.DownAccumulator.for_shape(None, tokens, 384, torch.device("cuda"))
+    overlap, expected_overlap = torch.zeros((), dtype=torch.long, device="cuda"), 0
+    for _ in range(3):  # scratch and accumulator are reused: counters, tickets and sums back at zero
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        index = torch.arange(n_r + k, device="cuda", dtype=torch.int32)
+        rows = chan[:n_r + k].clone()
+        index[n_r:], rows[n_r:] = -1, -1
+        h, out = triton_pop.pop_decode_step(x, g, u, chan, n_r, cn, down_t, index, rows, k, acc, scratch, overlap,
+                                            in_top)
+        ref = torch.empty_like(h)
+        triton_pop.gated_rows(x, g, u, ref, chan=chan)
+        assert torch.equal(h, ref)  # the same kernel code for the activations
+        want = torch.arange(n_r + k, device="cuda", dtype=torch.int32)
+        triton_pop.select_candidates(h, cn, want, n_r, k)
+        assert torch.equal(torch.sort(index[n_r:]).values, torch.sort(want[n_r:]).values)  # the same positions
+        assert torch.equal(rows[n_r:], chan[index[n_r:].long()])
+        expected = h.float()[:, index.long()] @ down_t.float()[rows.long()]
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-3)
+        expected_overlap += int(in_top[index[n_r:].long() - n_r].sum())
+        assert int(overlap) == expected_overlap
+        assert not scratch.counters.any() and not acc.tickets.any() and not acc.acc.any()
+
+
 def test_gated_select_refuses_more_candidate_blocks_than_sms():
     """Its block finishers wait for each other: more blocks than SMs could fill the GPU with waiting ones."""
     device = torch.device("cuda")
     n_c = triton_pop.GATED_CONFIG["BLOCK_N"] * torch.cuda.get_device_properties(device).multi_processor_count + 1
-    assert not triton_pop.use_gated_select(100 * n_c, n_c, device)  # the split step runs instead
+    assert not triton_pop.use_gated_select(100 * n_c, n_c, device)  # ranked_step runs instead
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_c, 64, device="cuda", dtype=torch.bfloat16)
     chan = torch.arange(n_c, device="cuda", dtype=torch.int32)

@@ -144,10 +144,9 @@ class POPFFN(nn.Module):
         self.keep_index: torch.Tensor | None = None  # int32 (n_keep,): the prefill's kept set by id (Triton)
         self.cand_in_top: torch.Tensor | None = None  # int8 (|C|,): Candidate in the prefill top set (Triton)
         self.down_acc = None  # triton_pop.DownAccumulator of the down pass (Triton path)
-        self.cand_scratch = None  # triton_pop.CandidateScratch of the one-launch gate/up (Triton path)
+        self.cand_scratch = None  # triton_pop.CandidateScratch or RankScratch of the decode step (Triton path)
         self._indexed = False  # this prompt's decode runs the Triton kernels over `chan`
         self._slices_for: Partition | None = None  # the partition w_gate_up / w_down_rows were built for
-        self._side_stream = None  # CUDA stream the Candidate selection runs on (Triton path)
 
     @staticmethod
     def _reuse(buf: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -310,14 +309,12 @@ class POPFFN(nn.Module):
             flops = tokens * (2 * hid * (2 * n_gated + s.n_keep) + 3 * n_gated)
         elif self.mode == "pop":
             n_r, k = s.n_retained, s.k_select
-            if indexed:  # Triton: the selection runs beside gate/up over R, one down launch
-                if self._side_stream is None:
-                    self._side_stream = torch.cuda.Stream(x.device)
+            if indexed:  # Triton: two launches, the selection inside one of them
                 _, out = triton_pop.pop_decode_step(
                     x.reshape(-1, hid).contiguous(), self._gate.weight, self._up.weight, self.chan, n_r,
                     self.cand_col_norms_sq, self._transposed_down(), self.down_index, self.down_rows, k,
-                    self._side_stream, self._accumulator(tokens, x.device), c.overlap_acc, self.cand_in_top,
-                    scratch=self._candidate_scratch(tokens, x.device))
+                    self._accumulator(tokens, x.device), self._candidate_scratch(tokens, x.device),
+                    c.overlap_acc, self.cand_in_top)
                 out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
                 c.overlap_fixed += n_r  # the selection kernel counted the chosen in the prefill top set
             else:
@@ -373,12 +370,16 @@ class POPFFN(nn.Module):
         return self.down_acc
 
     def _candidate_scratch(self, tokens: int, device: torch.device):
-        """Scratch for the one-launch gate/up + selection (`triton_pop.gated_select`), or None where the split
-        step runs (`triton_pop.use_gated_select`)."""
+        """Scratch of POP's Triton step: for the one-launch gate/up + selection (`triton_pop.gated_select`) or,
+        where that does not pay (`triton_pop.use_gated_select`), for `triton_pop.ranked_step`."""
         s = self.sizes
         if not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
-            return None
-        self.cand_scratch = triton_pop.CandidateScratch.for_shape(self.cand_scratch, tokens, s.n_candidates,
+            self.cand_scratch = triton_pop.RankScratch.for_shape(
+                self.cand_scratch if isinstance(self.cand_scratch, triton_pop.RankScratch) else None,
+                s.n_candidates, device)
+            return self.cand_scratch
+        current = self.cand_scratch if isinstance(self.cand_scratch, triton_pop.CandidateScratch) else None
+        self.cand_scratch = triton_pop.CandidateScratch.for_shape(current, tokens, s.n_candidates,
                                                                   triton_pop.GATED_SELECT_SPLIT, device)
         return self.cand_scratch
 

@@ -25,10 +25,11 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
   block split along the hidden dimension so that it finishes early; each block's last slice writes its
   activations and scores, then ranks its Candidates against all of them once every block has (the
   Retained programs stream meanwhile and never wait);
-- `pop_decode_step`: that launch then one down pass over the Retained + selected rows, or (the split
-  step, where `use_gated_select` says the one launch does not pay) gate/up over the Candidate rows
-  (topped up with Retained rows to fill one wave of the GPU) first, the selection on a side stream while
-  gate/up runs over the remaining Retained rows, then the down pass.
+- `ranked_step`: gate/up over R + C writing the Candidates' scores, then a down pass whose first programs
+  rank the Candidates while the programs over the Retained rows stream (the programs over the chosen rows
+  wait for the ranking);
+- `pop_decode_step`: two launches, either `gated_select` then the down pass over the Retained + selected
+  rows, or `ranked_step` (`use_gated_select` says which).
 
 No weight row outside R + selected is read. All kernels are CUDA-graph safe (fixed shapes, no host sync).
 Channel vectors are sorted by channel id within R and within C, so rows are read in address order.
@@ -88,37 +89,43 @@ if triton is not None:
             tl.atomic_add(cnt_ptr, tl.sum((sel & in_top).to(tl.int64), axis=0))
 
     @triton.jit
-    def _gathered_down_kernel(h_ptr, w_ptr, idx_ptr, rows_ptr, acc_ptr, ticket_ptr, out_ptr, B, K, N, stride_hb,
-                              stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr, HAS_ROWS: tl.constexpr,
-                              FINISH: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    def _down_partial(h_ptr, w_ptr, idx_ptr, rows_ptr, k_lo, k_hi, pid_n, B, N, stride_hb, stride_wk,
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr,
+                      HAS_ROWS: tl.constexpr):
+        """float32 ``h[:, idx[k_lo:k_hi]] @ w[rows[k_lo:k_hi], pid_n-th BLOCK_N columns]`` (k_hi - k_lo at most
+        K_PER_PROG). The index is read past L1 (another program of the launch may have just written it)."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         nmask = offs_n < N
         bmask = offs_b < B
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        k_start = pid_k * K_PER_PROG
         for k0 in range(0, K_PER_PROG, BLOCK_K):
-            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            pos = tl.load(idx_ptr + offs_k, mask=kmask, other=0)  # columns of h
-            rows = tl.load(rows_ptr + offs_k, mask=kmask, other=0) if HAS_ROWS else pos  # rows of the weight
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < k_hi
+            pos = tl.load(idx_ptr + offs_k, mask=kmask, other=0, cache_modifier=".cg")  # columns of h
+            rows = tl.load(rows_ptr + offs_k, mask=kmask, other=0, cache_modifier=".cg") if HAS_ROWS else pos
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + pos[None, :], mask=bmask[:, None] & kmask[None, :],
                          other=0.0)
             acc += tl.dot(hv, w)
+        return acc
+
+    @triton.jit
+    def _down_add(acc, acc_ptr, ticket_ptr, out_ptr, pid_n, n_progs, B, N, stride_ob, BLOCK_B: tl.constexpr,
+                  BLOCK_N: tl.constexpr, FINISH: tl.constexpr):
+        """Add a program's partial sums to the float32 accumulator; with FINISH, the last of the n_progs
+        programs of this column block (by ticket) writes the output and leaves accumulator and ticket at zero
+        for the next call."""
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_B)
         tile = offs_b[:, None] * stride_ob + offs_n[None, :]
-        tmask = bmask[:, None] & nmask[None, :]
+        tmask = (offs_b < B)[:, None] & (offs_n < N)[None, :]
         tl.atomic_add(acc_ptr + tile, acc, mask=tmask)
         if FINISH:
-            # The last program of this column block (by ticket) sees every partial sum: it writes the output
-            # and leaves accumulator and ticket at zero for the next call.
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1)
-            if ticket == tl.num_programs(1) - 1:
+            if ticket == n_progs - 1:
                 total = tl.load(acc_ptr + tile, mask=tmask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=tmask)
                 # every thread's load is in before any zero goes out: the compiler may give the load and the
@@ -126,6 +133,77 @@ if triton is not None:
                 tl.debug_barrier()
                 tl.store(acc_ptr + tile, tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), mask=tmask)
                 tl.atomic_xchg(ticket_ptr + pid_n, 0)
+
+    @triton.jit
+    def _gathered_down_kernel(h_ptr, w_ptr, idx_ptr, rows_ptr, acc_ptr, ticket_ptr, out_ptr, B, K, N, stride_hb,
+                              stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr, HAS_ROWS: tl.constexpr,
+                              FINISH: tl.constexpr):
+        pid_n = tl.program_id(0)
+        k_lo = tl.program_id(1) * K_PER_PROG
+        acc = _down_partial(h_ptr, w_ptr, idx_ptr, rows_ptr, k_lo, tl.minimum(k_lo + K_PER_PROG, K), pid_n, B, N,
+                            stride_hb, stride_wk, BLOCK_B, BLOCK_K, BLOCK_N, K_PER_PROG, HAS_ROWS)
+        _down_add(acc, acc_ptr, ticket_ptr, out_ptr, pid_n, tl.num_programs(1), B, N, stride_ob, BLOCK_B, BLOCK_N,
+                  FINISH)
+
+    @triton.jit
+    def _ranked_down_kernel(h_ptr, w_ptr, idx_ptr, rows_ptr, chan_ptr, score_ptr, top_ptr, cnt_ptr, flag_ptr,
+                            acc_ptr, ticket_ptr, out_ptr, B, N, n_r, n_c, k, stride_hb, stride_wk, stride_ob,
+                            BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                            K_PER_PROG: tl.constexpr, RANK_I: tl.constexpr, RANK_J: tl.constexpr,
+                            COUNT: tl.constexpr):
+        """The down pass of `ranked_step`, the Candidate selection in its first programs.
+
+        Programs [0, n_rank) each rank RANK_I Candidates against all |C| scores (final: the previous launch
+        wrote them): score greater, or equal at a lower position; rank < k are written at their rank behind
+        the Retained positions, then ``flag[0]`` counts the program done. The rest run the down pass by
+        (row chunk, column block), column blocks fastest: the Retained chunks first, which need no selection,
+        then the chunks of the chosen rows, whose programs wait until ``flag[0]`` reaches n_rank. They are
+        counted through in ``flag[1]``; the last resets both to zero. The waiters only wait on programs of
+        lower index, which never wait, so the waits cannot hold up the launch."""
+        pid = tl.program_id(0)
+        n_rank = tl.cdiv(n_c, RANK_I)
+        n_cb = tl.cdiv(N, BLOCK_N)
+        n_rch = tl.cdiv(n_r, K_PER_PROG)
+        n_sch = tl.cdiv(k, K_PER_PROG)
+        if pid < n_rank:
+            offs_i = pid * RANK_I + tl.arange(0, RANK_I)
+            imask = offs_i < n_c
+            si = tl.load(score_ptr + offs_i, mask=imask, other=0.0)
+            rank = tl.zeros((RANK_I,), dtype=tl.int32)
+            for j0 in range(0, n_c, RANK_J):
+                offs_j = j0 + tl.arange(0, RANK_J)
+                sj = tl.load(score_ptr + offs_j, mask=offs_j < n_c, other=-1.0)
+                ahead = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+                rank += tl.sum(ahead.to(tl.int32), axis=1)
+            chosen = imask & (rank < k)
+            tl.store(idx_ptr + n_r + rank, n_r + offs_i, mask=chosen)
+            tl.store(rows_ptr + n_r + rank, tl.load(chan_ptr + n_r + offs_i, mask=chosen, other=0), mask=chosen)
+            if COUNT:  # how many of the chosen were in the prefill's top set
+                in_top = tl.load(top_ptr + offs_i, mask=chosen, other=0) != 0
+                tl.atomic_add(cnt_ptr, tl.sum((chosen & in_top).to(tl.int64), axis=0))
+            _fence_all_threads(rank)
+            tl.debug_barrier()
+            tl.atomic_add(flag_ptr, 1)
+        else:
+            q = pid - n_rank
+            chunk = q // n_cb
+            pid_n = q % n_cb
+            k_lo = chunk * K_PER_PROG
+            k_hi = tl.minimum(k_lo + K_PER_PROG, n_r)
+            if chunk >= n_rch:  # rows of chosen Candidates: once every Candidate is ranked
+                seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+                while seen < n_rank:
+                    seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+                k_lo = n_r + (chunk - n_rch) * K_PER_PROG
+                k_hi = tl.minimum(k_lo + K_PER_PROG, n_r + k)
+                if tl.atomic_add(flag_ptr + 1, 1) == n_sch * n_cb - 1:  # the last waiter through
+                    tl.atomic_xchg(flag_ptr + 1, 0)
+                    tl.atomic_xchg(flag_ptr, 0)
+            acc = _down_partial(h_ptr, w_ptr, idx_ptr, rows_ptr, k_lo, k_hi, pid_n, B, N, stride_hb, stride_wk,
+                                BLOCK_B, BLOCK_K, BLOCK_N, K_PER_PROG, True)
+            _down_add(acc, acc_ptr, ticket_ptr, out_ptr, pid_n, n_rch + n_sch, B, N, stride_ob, BLOCK_B, BLOCK_N,
+                      True)
 
     @triton.jit
     def _gated_dots(x_ptr, g_ptr, u_ptr, row_off, nmask, offs_b, bmask, k_lo, k_hi, K, stride_xb,
@@ -156,9 +234,9 @@ if triton is not None:
         rows = tl.load(chan_ptr + offs_n, mask=nmask, other=0) if HAS_CHAN else offs_n
         acc_g, acc_u = _gated_dots(x_ptr, g_ptr, u_ptr, rows.to(tl.int64) * stride_wn, nmask, offs_b, bmask, 0, K, K,
                                    stride_xb, BLOCK_B, BLOCK_N, BLOCK_K)
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
-        tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=bmask[:, None] & nmask[None, :])
+        h = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(h_ptr.dtype.element_ty)  # silu(gate) * up
+        tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_n[None, :], h, mask=bmask[:, None] & nmask[None, :])
+        return h
 
     @triton.jit
     def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
@@ -166,6 +244,27 @@ if triton is not None:
                            HAS_CHAN: tl.constexpr):
         _gated_block(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, tl.program_id(0), B, n, K, stride_xb, stride_wn, stride_hb,
                      BLOCK_B, BLOCK_N, BLOCK_K, HAS_CHAN)
+
+    @triton.jit
+    def _gated_scored_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, cn_ptr, score_ptr, B, n, n_r, K, stride_xb,
+                             stride_wn, stride_hb, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """`_gated_gemv_kernel` over R + C whose blocks with Candidate columns (from n_r on) also write their
+        float32 scores, summed token by token from the stored activations as `select_candidates` sums."""
+        block = tl.program_id(0)
+        h = _gated_block(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, block, B, n, K, stride_xb, stride_wn, stride_hb,
+                         BLOCK_B, BLOCK_N, BLOCK_K, True)
+        if block * BLOCK_N + BLOCK_N > n_r:
+            offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_b = tl.arange(0, BLOCK_B)
+            hf = h.to(tl.float32)
+            score = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for b in range(B):
+                hb = tl.sum(tl.where(offs_b[:, None] == b, hf, 0.0), axis=0)
+                score += hb * hb
+            cand = (offs_n < n) & (offs_n >= n_r)
+            score = score * tl.load(cn_ptr + offs_n - n_r, mask=cand, other=0.0)
+            tl.store(score_ptr + offs_n - n_r, score, mask=cand)
 
     @triton.jit
     def _fence_all_threads(x):
@@ -314,8 +413,12 @@ if triton is not None:
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
 RANK_CONFIG = {"BLOCK_I": 16, "BLOCK_J": 512, "num_warps": 4}
+# `ranked_step`'s down pass at one token: chunks of 128 rows per program (55.5 against 57.7 us at the
+# Llama-2-7B 40% target on an H100; at ten tokens 256 was faster: experiments on branch exp/s12-ranked-down)
+DOWN_CONFIG_ONE_TOKEN = {"K_PER_PROG": 128}
+RANKED_DOWN_RANK_I, RANKED_DOWN_RANK_J = 16, 256  # Candidates ranked per program, scores compared per pass
 GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate rows in `gated_select`
-# When POP's step runs gate/up + selection as one launch (`gated_select`) rather than the split step:
+# When POP's step runs gate/up + selection as one launch (`gated_select`) rather than `ranked_step`:
 # "auto" (`use_gated_select`), "always" (where it may run) or "never".
 GATED_SELECT = "auto"
 GATED_SELECT_MIN_RETAINED_PER_CANDIDATE = 5  # "auto": |R| >= 5 |C| (see `use_gated_select`)
@@ -364,50 +467,85 @@ class DownAccumulator:
                    torch.zeros(n_blocks, dtype=torch.int32, device=device))
 
 
-def first_launch_rows(n_candidates: int, n_retained: int, device: torch.device) -> int:
-    """Rows of the first gate/up launch of `pop_decode_step`: the Candidates, topped up with Retained rows
-    to one program per streaming multiprocessor (a launch of the Candidates alone leaves most of the GPU
-    idle), never all of R (the rest must run beside the selection)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    rows = max(n_candidates, sms * GATED_CONFIG["BLOCK_N"])
-    return min(rows, n_candidates + n_retained // 2)
-
-
 def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
                     cand_col_norms_sq: torch.Tensor, down_t: torch.Tensor, index: torch.Tensor,
-                    down_rows: torch.Tensor, k: int, side: torch.cuda.Stream, acc: DownAccumulator,
-                    overlap: torch.Tensor | None = None, in_top: torch.Tensor | None = None,
-                    first_rows: int | None = None, scratch: CandidateScratch | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """POP's whole decode step with the selection off the critical path. Returns (h, output in x's dtype).
+                    down_rows: torch.Tensor, k: int, acc: DownAccumulator,
+                    scratch: "CandidateScratch | RankScratch", overlap: torch.Tensor | None = None,
+                    in_top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """POP's whole decode step in two launches. Returns (h, output in x's dtype).
 
     `chan` (int32) names the R channels then the C channels (rows of `gate` / `up` / `down_t`, the model's
-    own weights, down_proj transposed); h's columns follow it. With `scratch`, gate/up and the selection
-    are one launch (`gated_select`), then the down pass. Without (the split step), gate/up runs first over the last
-    `first_rows` positions (the Candidates and the Retained rows just before them), then — while a side
-    stream selects the k best Candidates from those activations — over the remaining Retained rows, then
-    one down pass over the Retained + selected rows. `index` / `down_rows` (int32, n_keep) hold the R
-    positions / channels and receive the selected ones behind them. Fork/join between two streams: safe
-    inside a CUDA graph capture. `overlap` / `in_top`: see `select_candidates`.
+    own weights, down_proj transposed); h's columns follow it. `index` / `down_rows` (int32, n_keep) hold
+    the R positions / channels and receive the selected ones behind them. With a `CandidateScratch`, gate/up
+    and the selection are one launch (`gated_select`), then the down pass; with a `RankScratch`, gate/up
+    (writing the Candidates' scores), then the down pass with the selection in its first programs
+    (`ranked_step`). `use_gated_select` says which pays. `overlap` / `in_top`: see `select_candidates`.
     """
-    if scratch is not None:
-        h = gated_select(x, gate, up, chan, n_retained, cand_col_norms_sq, index, down_rows, k, scratch, overlap,
-                         in_top)
-        return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
-    n = chan.numel()
-    if first_rows is None:
-        first_rows = first_launch_rows(n - n_retained, n_retained, x.device)
-    split = n - first_rows
-    h = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    gated_rows(x, gate, up, h[:, split:], chan=chan[split:])
-    main = torch.cuda.current_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        select_candidates(h, cand_col_norms_sq, index, n_retained, k, overlap, in_top, chan, down_rows)
-    gated_rows(x, gate, up, h[:, :split], chan=chan[:split])
-    main.wait_stream(side)
-    h.record_stream(side)
+    if isinstance(scratch, RankScratch):
+        return ranked_step(x, gate, up, chan, n_retained, cand_col_norms_sq, down_t, index, down_rows, k, acc,
+                           scratch, overlap, in_top)
+    h = gated_select(x, gate, up, chan, n_retained, cand_col_norms_sq, index, down_rows, k, scratch, overlap, in_top)
     return h, gathered_down(h, down_t, index, rows=down_rows, acc=acc)
+
+
+@dataclass
+class RankScratch:
+    """Persistent scratch of `ranked_step` for one layer: the Candidates' float32 scores and two int32
+    counters (ranking programs done, waiters through), zero between calls."""
+
+    scores: torch.Tensor
+    counters: torch.Tensor
+
+    @classmethod
+    def for_shape(cls, current: "RankScratch | None", n_cand: int, device: torch.device) -> "RankScratch":
+        if current is not None and current.scores.numel() == n_cand and current.scores.device == device:
+            return current
+        return cls(torch.zeros(n_cand, dtype=torch.float32, device=device),
+                   torch.zeros(2, dtype=torch.int32, device=device))
+
+
+def ranked_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: torch.Tensor, n_retained: int,
+                cand_col_norms_sq: torch.Tensor, down_t: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
+                k: int, acc: DownAccumulator, scratch: RankScratch, overlap: torch.Tensor | None = None,
+                in_top: torch.Tensor | None = None, down_config: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """POP's decode step with the selection at the head of the down pass; returns (h, output in x's dtype).
+
+    Launch 1: gate/up over R + C; the blocks holding Candidates also write their scores. Launch 2: its first
+    programs rank the Candidates (16 each, against all scores; the rule of `select_candidates`, so the same
+    set for the same h) and write the chosen at their rank into ``index[n_retained:]`` / ``rows[n_retained:]``,
+    while the programs over the Retained rows stream; the programs over the chosen rows wait for the ranking.
+    No chain of round trips inside gate/up (as in `gated_select`), no side stream: the selection costs the
+    down pass a few microseconds of its start. `down_config` overrides `DOWN_CONFIG` (and
+    `DOWN_CONFIG_ONE_TOKEN` at one token).
+    """
+    tokens, hidden = x.shape
+    n = chan.numel()
+    n_cand = n - n_retained
+    if scratch.scores.numel() != n_cand:
+        raise ValueError(f"scratch for {scratch.scores.numel()} Candidates does not fit {n_cand}")
+    out_dim = down_t.shape[1]
+    gcfg = dict(GATED_CONFIG)
+    block_n = gcfg.pop("BLOCK_N")
+    block_b = max(16, triton.next_power_of_2(tokens))
+    h = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
+    _gated_scored_kernel[(triton.cdiv(n, block_n),)](
+        x, gate, up, chan, h, cand_col_norms_sq, scratch.scores, tokens, n, n_retained, hidden, x.stride(0),
+        gate.stride(0), h.stride(0), BLOCK_B=block_b, BLOCK_N=block_n, **gcfg)
+    dcfg = {**DOWN_CONFIG, **(DOWN_CONFIG_ONE_TOKEN if tokens == 1 else {}), **(down_config or {})}
+    n_cb = triton.cdiv(out_dim, dcfg["BLOCK_N"])
+    if acc.acc.shape != (tokens, out_dim) or acc.tickets.numel() < n_cb:
+        raise ValueError(f"accumulator of shape {tuple(acc.acc.shape)} does not fit ({tokens}, {out_dim})")
+    out = torch.empty((tokens, out_dim), dtype=x.dtype, device=x.device)
+    count = overlap is not None and in_top is not None
+    chunks = triton.cdiv(n_retained, dcfg["K_PER_PROG"]) + triton.cdiv(k, dcfg["K_PER_PROG"])
+    grid = (triton.cdiv(n_cand, RANKED_DOWN_RANK_I) + n_cb * chunks,)
+    _ranked_down_kernel[grid](
+        h, down_t, index, rows, chan, scratch.scores, in_top if count else index, overlap if count else index,
+        scratch.counters, acc.acc, acc.tickets, out, tokens, out_dim, n_retained, n_cand, k, h.stride(0),
+        down_t.stride(0), out.stride(0), BLOCK_B=block_b, RANK_I=RANKED_DOWN_RANK_I, RANK_J=RANKED_DOWN_RANK_J,
+        COUNT=count, **dcfg)
+    return h, out
 
 
 @dataclass
@@ -435,16 +573,19 @@ class CandidateScratch:
 
 
 def use_gated_select(n_retained: int, n_cand: int, device: torch.device) -> bool:
-    """Whether POP's step runs `gated_select` (one launch for gate/up and the selection) instead of the split
-    step (three launches, the selection on a side stream).
+    """Whether POP's step runs `gated_select` (one launch for gate/up and the selection, then the down pass)
+    instead of `ranked_step` (gate/up, then the down pass with the selection at its head).
 
     It may run while its Candidate block finishers, which wait for each other, take at most one program
     slot per streaming multiprocessor (the rest stay free for the programs they wait on). It pays where the
     Retained rows stream long enough to hide the Candidates' chain of dependent round trips to L2 (partial
-    sums, scores, a count, the ranking): on an H100, at |R| >= 6.5 |C| (Llama-2-7B / Llama-3.1-8B FFN at the
-    20% target) it was as fast or up to 8% faster at one and ten tokens, at |R| <= 4.6 |C| (the 40% targets)
-    between 4% faster and 5% slower, so "auto" takes it from |R| >= 5 |C|. `GATED_SELECT` overrides the
-    choice ("always" / "never").
+    sums, scores, a count, the ranking). Against the earlier split step (three launches) on an H100 it was
+    as fast or up to 8% faster at |R| >= 6.5 |C| (Llama-2-7B / Llama-3.1-8B FFN at the 20% target) and
+    between 4% faster and 5% slower at |R| <= 4.6 |C| (the 40% targets), hence "auto" from |R| >= 5 |C|.
+    Against `ranked_step`, which replaced the split step and is faster than it at 40%, the 20% targets were
+    mixed in one run (Llama-2-7B 79.7 against 81.8 us at one token, 88.9 against 87.9 at ten; Llama-3.1-8B
+    114.4 against 113.3 and 127.7 against 125.2): the rule is kept. `GATED_SELECT` overrides the choice
+    ("always" / "never").
     """
     if GATED_SELECT == "never" or not _finishers_fit(n_cand, device):
         return False
