@@ -66,7 +66,10 @@ def compile_decode_layers(model: nn.Module, ffn_attr: str = "mlp", **compile_opt
     The FFN present at call time is left out, so an FFN method may be applied or removed after this call
     (the layer recompiles once for a new FFN module). dynamo specialises on each layer's index (the
     cache is indexed by it), so each layer compiles once: the recompile limits are raised to allow for
-    that. `compile_options` go to `torch.compile` (default: inductor, static shapes).
+    that. `compile_options` go to `torch.compile` (default: inductor, static shapes). On an H100,
+    ``mode="max-autotune-no-cudagraphs"`` with ``torch._inductor.config.coordinate_descent_tuning = True``
+    took Llama-2-7B's non-FFN step from 3.0 to 2.3-2.5 ms (one GEMV over q, k and v fused with the norm;
+    `results/pop_gpu_e2e_llama2-7b_b1_autotune_h100.json`), at a few minutes of compiling.
     """
     layers = decoder_layers(model)
     need = 8 * len(layers)
