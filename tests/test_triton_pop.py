@@ -182,11 +182,11 @@ def test_gated_select_computes_gated_rows_and_selects_what_select_candidates_doe
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 10])
-@pytest.mark.parametrize("n_c", [333, 3000])  # 3,000 Candidates: more blocks than SMs (no limit here)
-def test_ranked_step_computes_gated_rows_selects_what_select_candidates_does_and_its_down(tokens, n_c):
-    torch.manual_seed(tokens * 10 + n_c)
+# 3,000 Candidates: more blocks than SMs (no limit here); k = 0: nothing to choose
+@pytest.mark.parametrize(("n_c", "k"), [(333, 166), (3000, 1500), (333, 0)])
+def test_ranked_step_computes_gated_rows_selects_what_select_candidates_does_and_its_down(tokens, n_c, k):
+    torch.manual_seed(tokens * 10 + n_c + k)
     hidden, d_ff, n_r = 512, 5000, 700
-    k = n_c // 2
     g = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
     u = torch.randn(d_ff, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
     down_t = torch.randn(d_ff, 384, device="cuda", dtype=torch.bfloat16) * 0.05

@@ -536,6 +536,8 @@ def ranked_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan: tor
     n_cb = triton.cdiv(out_dim, dcfg["BLOCK_N"])
     if acc.acc.shape != (tokens, out_dim) or acc.tickets.numel() < n_cb:
         raise ValueError(f"accumulator of shape {tuple(acc.acc.shape)} does not fit ({tokens}, {out_dim})")
+    if k == 0:  # nothing to choose (no waiter would reset the ranking's counter): the Retained rows alone
+        return h, gathered_down(h, down_t, index, rows=rows, acc=acc)
     out = torch.empty((tokens, out_dim), dtype=x.dtype, device=x.device)
     count = overlap is not None and in_top is not None
     chunks = triton.cdiv(n_retained, dcfg["K_PER_PROG"]) + triton.cdiv(k, dcfg["K_PER_PROG"])
