@@ -374,12 +374,9 @@ class POPFFN(nn.Module):
         where that does not pay (`triton_pop.use_gated_select`), for `triton_pop.ranked_step`."""
         s = self.sizes
         if not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
-            self.cand_scratch = triton_pop.RankScratch.for_shape(
-                self.cand_scratch if isinstance(self.cand_scratch, triton_pop.RankScratch) else None,
-                s.n_candidates, device)
+            self.cand_scratch = triton_pop.RankScratch.for_shape(self.cand_scratch, s.n_candidates, device)
             return self.cand_scratch
-        current = self.cand_scratch if isinstance(self.cand_scratch, triton_pop.CandidateScratch) else None
-        self.cand_scratch = triton_pop.CandidateScratch.for_shape(current, tokens, s.n_candidates,
+        self.cand_scratch = triton_pop.CandidateScratch.for_shape(self.cand_scratch, tokens, s.n_candidates,
                                                                   triton_pop.GATED_SELECT_SPLIT, device)
         return self.cand_scratch
 

@@ -239,6 +239,18 @@ if triton is not None:
         return h
 
     @triton.jit
+    def _candidate_scores(h, B, cn, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+        """float32 ``sum_b h[b]^2 * cn`` per column of an activation tile (BLOCK_B, BLOCK_N), summed token by
+        token as `select_candidates` sums, so both give the same bits for the same h."""
+        offs_b = tl.arange(0, BLOCK_B)
+        hf = h.to(tl.float32)
+        score = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for b in range(B):
+            hb = tl.sum(tl.where(offs_b[:, None] == b, hf, 0.0), axis=0)
+            score += hb * hb
+        return score * cn
+
+    @triton.jit
     def _gated_gemv_kernel(x_ptr, g_ptr, u_ptr, chan_ptr, h_ptr, B, n, K, stride_xb, stride_wn, stride_hb,
                            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_CHAN: tl.constexpr):
@@ -256,14 +268,8 @@ if triton is not None:
                          BLOCK_B, BLOCK_N, BLOCK_K, True)
         if block * BLOCK_N + BLOCK_N > n_r:
             offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_b = tl.arange(0, BLOCK_B)
-            hf = h.to(tl.float32)
-            score = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for b in range(B):
-                hb = tl.sum(tl.where(offs_b[:, None] == b, hf, 0.0), axis=0)
-                score += hb * hb
             cand = (offs_n < n) & (offs_n >= n_r)
-            score = score * tl.load(cn_ptr + offs_n - n_r, mask=cand, other=0.0)
+            score = _candidate_scores(h, B, tl.load(cn_ptr + offs_n - n_r, mask=cand, other=0.0), BLOCK_B, BLOCK_N)
             tl.store(score_ptr + offs_n - n_r, score, mask=cand)
 
     @triton.jit
@@ -319,12 +325,7 @@ if triton is not None:
                     us += tl.load(part_ptr + (2 * j + 1) * B * n_c + tile, mask=tmask, other=0.0, cache_modifier=".cg")
                 h = (gs / (1.0 + tl.exp(-gs)) * us).to(h_ptr.dtype.element_ty)
                 tl.store(h_ptr + offs_b[:, None] * stride_hb + n_r + offs_c[None, :], h, mask=tmask)
-                hf = h.to(tl.float32)
-                mine = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for b in range(B):  # token by token, as `select_candidates` sums: the same float32 scores
-                    hb = tl.sum(tl.where(offs_b[:, None] == b, hf, 0.0), axis=0)
-                    mine += hb * hb
-                mine = mine * tl.load(cn_ptr + offs_c, mask=cmask, other=0.0)
+                mine = _candidate_scores(h, B, tl.load(cn_ptr + offs_c, mask=cmask, other=0.0), BLOCK_B, BLOCK_N)
                 tl.store(score_ptr + offs_c, mine, mask=cmask)
                 _fence_all_threads(tile)
                 tl.debug_barrier()
@@ -497,8 +498,9 @@ class RankScratch:
     counters: torch.Tensor
 
     @classmethod
-    def for_shape(cls, current: "RankScratch | None", n_cand: int, device: torch.device) -> "RankScratch":
-        if current is not None and current.scores.numel() == n_cand and current.scores.device == device:
+    def for_shape(cls, current: object, n_cand: int, device: torch.device) -> "RankScratch":
+        """`current` if it is a RankScratch of this size (any other previous scratch is replaced)."""
+        if isinstance(current, cls) and current.scores.numel() == n_cand and current.scores.device == device:
             return current
         return cls(torch.zeros(n_cand, dtype=torch.float32, device=device),
                    torch.zeros(2, dtype=torch.int32, device=device))
@@ -562,10 +564,10 @@ class CandidateScratch:
     done: torch.Tensor
 
     @classmethod
-    def for_shape(cls, current: "CandidateScratch | None", tokens: int, n_cand: int, split: int,
+    def for_shape(cls, current: object, tokens: int, n_cand: int, split: int,
                   device: torch.device) -> "CandidateScratch":
         shape = (2 * split, tokens, n_cand)
-        if current is not None and current.partial.shape == shape and current.partial.device == device:
+        if isinstance(current, cls) and current.partial.shape == shape and current.partial.device == device:
             return current
         n_blocks = triton.cdiv(n_cand, GATED_CONFIG["BLOCK_N"])
         return cls(torch.zeros(shape, dtype=torch.float32, device=device),
