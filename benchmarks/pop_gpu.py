@@ -6,7 +6,9 @@ partition, then one decode step of the FFN module is captured in a CUDA graph an
 with CUDA events (median of `--repeats` timings of `--inner` replays each, after warm-up), side by side
 with the dense FFN (transformers' LlamaMLP) in the same run. Methods: dense, static (Variant 1: the speed
 upper bound), pop, reselect at the 20% and 40% model-level targets (the per-layer FFN ratio of the paper's
-Table 8 rule: 29.9 / 59.8% and 24.8 / 49.5%).
+Table 8 rule: 29.9 / 59.8% and 24.8 / 49.5%). ``pop`` / ``static`` run the Triton kernels over per-prompt
+weight slices (the default), ``:index`` over the model's own rows through a channel index, ``pop:torch``
+PyTorch's ops over the slices.
 
 Reported per row: the decode-step time and its speedup over dense; the bytes of weights the step must read
 (dense: 3 d_ff H; static: 3 n_keep H; pop: 2 |R u C| H for gate/up + n_keep H for down; reselect: dense
@@ -136,8 +138,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--batches", default="1,10")
     ap.add_argument("--targets", default="0.2,0.4")
-    ap.add_argument("--modes", default="static,pop:torch,pop,reselect",
-                    help="Methods; ':torch' forces the PyTorch ops (default: Triton kernels on CUDA).")
+    ap.add_argument("--modes", default="static,static:index,pop:torch,pop,pop:index,reselect",
+                    help="Methods; ':torch' forces the PyTorch ops, ':index' has the Triton kernels read the model's "
+                         "rows through the channel index (default: Triton kernels over per-prompt slices).")
     ap.add_argument("--gamma", type=float, default=0.1)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
@@ -166,8 +169,9 @@ def main() -> None:
             for target in [float(t) for t in args.targets.split(",")]:
                 r = ffn_ratio(cfg, target)
                 for variant in args.modes.split(","):
-                    mode, _, kernels = variant.partition(":")
-                    pop = POPFFN(view, r, args.gamma / 2, mode, kernels=kernels or "auto")
+                    mode, _, form = variant.partition(":")
+                    pop = POPFFN(view, r, args.gamma / 2, mode, kernels="torch" if form == "torch" else "auto",
+                                 weights="index" if form == "index" else "slices")
                     prompts = [torch.randn(batch, args.prompt, cfg["hidden"], device=device, dtype=dtype) for _ in range(6)]
                     pop(prompts[0])  # first prompt allocates the slices
                     prefill = []
@@ -197,11 +201,11 @@ def main() -> None:
                     torch.cuda.empty_cache()
         del mlp
         torch.cuda.empty_cache()
-    head = f"{'config':12} {'b':>3} {'mode':10} {'tgt':>4} {'r':>5} {'step us':>8} {'speedup':>8} {'limit':>6} " \
+    head = f"{'config':12} {'b':>3} {'mode':12} {'tgt':>4} {'r':>5} {'step us':>8} {'speedup':>8} {'limit':>6} " \
            f"{'of lim':>7} {'TB/s':>5} {'of copy':>8} {'prefill ms':>10} {'rel err':>8}"
     print(head)
     for row in rows:
-        print(f"{row['config']:12} {row['batch']:>3} {row['mode']:10} {row['target']:>4.1f} {row['ffn_ratio']:>5.3f} "
+        print(f"{row['config']:12} {row['batch']:>3} {row['mode']:12} {row['target']:>4.1f} {row['ffn_ratio']:>5.3f} "
               f"{row['step_us']:>8.1f} {row['speedup']:>7.2f}x {row['bytes_limit']:>5.2f}x {row['of_limit']:>6.1%} "
               f"{row['bandwidth_tbs']:>5.2f} {row['of_copy_bw']:>7.1%} "
               f"{row.get('prefill_ms', float('nan')):>10.2f} {row.get('rel_error_vs_masked_fp32', float('nan')):>8.1e}")

@@ -105,7 +105,7 @@ def test_experts_not_routed_are_not_computed_and_slices_are_smaller():
     assert calls == {0: 1, 1: 1, 2: 0, 3: 0}
     for e in (0, 1):
         s = pop.experts[e].sizes
-        assert pop.experts[e].w_gate_up.shape == (2 * s.n_computed, hidden)
+        assert pop.experts[e].w_gate_up.shape == (s.n_computed, 2, hidden)
         assert s.n_computed == inter - round(0.3 * inter) < inter  # (r - delta) d_ff pruned
     stats = pop.stats()
     assert stats["decode_assignments"] == 2 and stats["decode_tokens"] == 1

@@ -90,7 +90,7 @@ def test_decode_never_runs_the_full_projections(mode, computed):
         assert calls["n"] == 2 * n_layers  # prefill: gate and up (full, to score); down always sliced
         for pop in handle.replacements:
             s = pop.sizes
-            assert pop.w_gate_up.shape == (2 * getattr(s, computed), pop.hidden_size)
+            assert pop.w_gate_up.shape == (getattr(s, computed), 2, pop.hidden_size)
             assert pop.w_down_rows.shape[0] == getattr(s, computed)
             assert getattr(s, computed) < s.d_ff
         total = handle.stats()["total"]

@@ -23,12 +23,13 @@ def _mlp(hidden, d_ff, dtype):
     return mlp, GatedFFN(mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
 
 
+@pytest.mark.parametrize("weights", ["slices", "index"])
 @pytest.mark.parametrize("batch", [1, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_static_triton_decode_equals_torch_decode(batch, dtype):
+def test_static_triton_decode_equals_torch_decode(batch, dtype, weights):
     torch.manual_seed(batch)
     _, view = _mlp(256, 1000, dtype)
-    fast = POPFFN(view, 0.3, 0.0, "static", kernels="auto")
+    fast = POPFFN(view, 0.3, 0.0, "static", kernels="auto", weights=weights)
     slow = POPFFN(view, 0.3, 0.0, "static", kernels="torch")
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     with torch.no_grad():
@@ -94,23 +95,29 @@ def test_partition_index_equals_the_sorted_partition(ties):
             else:
                 assert torch.equal(chan.long(), keep) and torch.equal(rows, chan)
 
+@pytest.mark.parametrize("weights", ["slices", "index"])
 @pytest.mark.parametrize("gated_select", ["always", "never"])  # gate/up + selection in one launch, or ranked_step
 @pytest.mark.parametrize("batch", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypatch):
+def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, weights, monkeypatch):
     monkeypatch.setattr(triton_pop, "GATED_SELECT", gated_select)
     torch.manual_seed(batch)
-    _, view = _mlp(256, 1000, dtype)
-    fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
+    mlp, view = _mlp(256, 1000, dtype)
+    fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto", weights=weights)
     slow = POPFFN(view, 0.3, 0.05, "pop", kernels="torch")
     counted = 0
     with torch.no_grad():
         for step in range(3):
             prompt = torch.randn(batch, 17, 256, device="cuda", dtype=dtype)
             torch.testing.assert_close(fast(prompt), slow(prompt))
-            assert fast.w_gate_up is None  # no weight copy
             chan = fast.chan.long()
             s = fast.sizes
+            if weights == "index":
+                assert fast.w_gate_up is None  # no weight copy
+            else:  # the slices follow the channel vector: R then C, each by channel id
+                assert torch.equal(fast.w_gate_up[:, 0], mlp.gate_proj.weight[chan])
+                assert torch.equal(fast.w_gate_up[:, 1], mlp.up_proj.weight[chan])
+                assert torch.equal(fast.w_down_rows, mlp.down_proj.weight.t()[chan])
             assert set(chan[: s.n_retained].tolist()) == set(slow.partition.retained.tolist())
             assert set(chan[s.n_retained:].tolist()) == set(slow.partition.candidates.tolist())
             for _ in range(4):
@@ -120,8 +127,11 @@ def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypat
                 h = _step_activations(fast, view, x.reshape(batch, -1))
                 expected = chan[s.n_retained + fast._select(h[:, s.n_retained:], fast.cand_col_norms_sq, s.k_select)]
                 chosen_pos = fast.down_index[s.n_retained:].long()
-                chosen = fast.down_rows[s.n_retained:].long()
-                assert torch.equal(chan[chosen_pos], chosen)  # rows written beside positions
+                if weights == "index":
+                    chosen = fast.down_rows[s.n_retained:].long()
+                    assert torch.equal(chan[chosen_pos], chosen)  # rows written beside positions
+                else:  # the slice rows are the positions
+                    chosen = chan[chosen_pos]
                 assert torch.equal(torch.sort(chosen).values, torch.sort(expected).values)  # the same channels
                 rank = torch.empty_like(fast.partition.order)
                 rank[fast.partition.order] = torch.arange(s.d_ff, device="cuda")
@@ -129,7 +139,8 @@ def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypat
                 tol = 2e-3 if dtype == torch.float32 else 2e-2  # tl.dot in float32 is tf32
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             assert not fast.down_acc.acc.any() and not fast.down_acc.tickets.any()  # left clean for the next step
-            assert isinstance(fast.cand_scratch, triton_pop.CandidateScratch) == (gated_select == "always")
+            one_launch = gated_select == "always" and not (weights == "slices" and batch == 1)  # else sliced_step
+            assert isinstance(fast.cand_scratch, triton_pop.CandidateScratch) == one_launch
         # the selection kernel's own count of chosen channels that were in the prefill top set
         assert int(fast.counters.overlap_acc) == counted > 0
 
@@ -137,15 +148,24 @@ def test_triton_decode_equals_torch_decode(batch, dtype, gated_select, monkeypat
 def _step_activations(pop, view, x):
     """The activations POP's Triton step computed for x: its kernels are deterministic, so a second call
     on fresh scratch gives the same bits (the one-launch step sums split partials; ranked_step's gate/up
-    computes what gated_rows does)."""
-    g, u = view.gate_proj.weight, view.up_proj.weight
+    computes what gated_rows does; sliced_step's own gate/up at one token over the slices)."""
+    s = pop.sizes
+    if pop.weights == "slices" and x.shape[0] == 1:
+        return triton_pop.sliced_step(
+            x, pop.w_gate_up, pop.w_down_rows, s.n_retained, pop.cand_col_norms_sq, pop.down_index.clone(),
+            s.k_select, triton_pop.DownAccumulator.for_shape(None, 1, pop.hidden_size, x.device),
+            triton_pop.RankScratch.for_shape(None, s.n_candidates, x.device))[0]
+    if pop.weights == "slices":
+        g, u, chan = pop.w_gate_up[:, 0], pop.w_gate_up[:, 1], pop.slice_chan
+    else:
+        g, u, chan = view.gate_proj.weight, view.up_proj.weight, pop.chan
     if not isinstance(pop.cand_scratch, triton_pop.CandidateScratch):
-        h = torch.empty((x.shape[0], pop.chan.numel()), device="cuda", dtype=x.dtype)
-        return triton_pop.gated_rows(x, g, u, h, chan=pop.chan)
+        h = torch.empty((x.shape[0], chan.numel()), device="cuda", dtype=x.dtype)
+        return triton_pop.gated_rows(x, g, u, h, chan=chan)
     split = pop.cand_scratch.partial.shape[0] // 2
-    scratch = triton_pop.CandidateScratch.for_shape(None, x.shape[0], pop.sizes.n_candidates, split, x.device)
-    return triton_pop.gated_select(x, g, u, pop.chan, pop.sizes.n_retained, pop.cand_col_norms_sq,
-                                   pop.down_index.clone(), pop.down_rows.clone(), pop.sizes.k_select, scratch)
+    scratch = triton_pop.CandidateScratch.for_shape(None, x.shape[0], s.n_candidates, split, x.device)
+    return triton_pop.gated_select(x, g, u, chan, s.n_retained, pop.cand_col_norms_sq, pop.down_index.clone(),
+                                   pop.down_index.clone(), s.k_select, scratch)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 10])
@@ -220,6 +240,43 @@ def test_ranked_step_computes_gated_rows_selects_what_select_candidates_does_and
         assert not scratch.counters.any() and not acc.tickets.any() and not acc.acc.any()
 
 
+@pytest.mark.parametrize(("n_c", "k"), [(333, 166), (3000, 1500), (333, 0), (0, 0)])  # (0, 0): static
+def test_sliced_step_selects_what_select_candidates_does_and_computes_its_down(n_c, k):
+    torch.manual_seed(n_c + k)
+    hidden, out_dim, n_r = 640, 384, 700
+    n = n_r + n_c
+    gate_up = torch.randn(n, 2, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    if n_c:
+        gate_up[n_r::8] = gate_up[n_r].clone()  # every 8th Candidate the same rows: tied scores
+    down_rows = torch.randn(n, out_dim, device="cuda", dtype=torch.bfloat16) * 0.05
+    cn = torch.rand(n_c, device="cuda") + 0.5
+    cn[::8] = 1.0
+    in_top = (torch.rand(n_c, device="cuda") < 0.5).to(torch.int8)
+    scratch = triton_pop.RankScratch.for_shape(None, n_c, torch.device("cuda")) if n_c else None
+    acc = triton_pop.DownAccumulator.for_shape(None, 1, out_dim, torch.device("cuda"))
+    overlap, expected_overlap = torch.zeros((), dtype=torch.long, device="cuda"), 0
+    n_keep = n_r + k if n_c else n
+    for _ in range(3):  # scratch and accumulator are reused: counters, tickets and sums back at zero
+        x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+        index = torch.arange(n_keep, device="cuda", dtype=torch.int32)
+        index[n_r:] = -1  # the chosen go here (nothing to choose with no Candidates)
+        h, out = triton_pop.sliced_step(x, gate_up, down_rows, n_r, cn if n_c else None, index, k, acc, scratch,
+                                        overlap, in_top)
+        xf = x.float()
+        ref_h = torch.nn.functional.silu(xf @ gate_up[:, 0].float().T) * (xf @ gate_up[:, 1].float().T)
+        torch.testing.assert_close(h.float(), ref_h, rtol=2e-2, atol=2e-3)
+        want = torch.arange(n_keep, device="cuda", dtype=torch.int32)
+        if n_c:
+            triton_pop.select_candidates(h, cn, want, n_r, k)
+        assert torch.equal(torch.sort(index[n_r:]).values, torch.sort(want[n_r:]).values)  # the same positions
+        expected = h.float()[:, index.long()] @ down_rows.float()[index.long()]
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-3)
+        expected_overlap += int(in_top[index[n_r:].long() - n_r].sum()) if n_c else 0
+        assert int(overlap) == expected_overlap
+        assert not acc.tickets.any() and not acc.acc.any()
+        assert scratch is None or not scratch.counters.any()
+
+
 def test_gated_select_refuses_more_candidate_blocks_than_sms():
     """Its block finishers wait for each other: more blocks than SMs could fill the GPU with waiting ones."""
     device = torch.device("cuda")
@@ -235,11 +292,12 @@ def test_gated_select_refuses_more_candidate_blocks_than_sms():
                                 scratch)
 
 
-def test_long_decode_step_falls_back_to_slices():
-    """A decode forward of more than 64 tokens takes PyTorch's matmuls over slices built on demand."""
+@pytest.mark.parametrize("weights", ["slices", "index"])
+def test_long_decode_step_falls_back_to_slices(weights):
+    """A decode forward of more than 64 tokens takes PyTorch's matmuls over the slices (built on demand)."""
     torch.manual_seed(3)
     _, view = _mlp(256, 1000, torch.float32)
-    fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto")
+    fast = POPFFN(view, 0.3, 0.05, "pop", kernels="auto", weights=weights)
     slow = POPFFN(view, 0.3, 0.05, "pop", kernels="torch")
     with torch.no_grad():
         prompt = torch.randn(1, 17, 256, device="cuda")

@@ -2,10 +2,10 @@
 
 Prefill (a new prompt) computes gate/up for all d_ff channels, scores them (`scoring.channel_scores`),
 splits them into Retained / Candidate / Pruned (`partition.partition`) and writes its output with the top
-round((1 - r) d_ff) channels. It then fixes, once per prompt, the channels later steps need — on CUDA with
-Triton as an int32 channel index that the kernels of `triton_pop` read the model's own weight rows
-through (no weight is copied per prompt; down_proj is kept transposed once per model), elsewhere as
-contiguous weight slices for PyTorch's matmuls:
+round((1 - r) d_ff) channels. It then fixes, once per prompt, the channels later steps need — as contiguous
+weight slices (each channel's gate and up rows side by side, its down_proj column as a row), which the
+Triton kernels of `triton_pop` read on CUDA and PyTorch's matmuls elsewhere; or, with ``weights="index"``
+on CUDA, as an int32 channel index through which the kernels read the model's own rows (no per-prompt copy):
 
 - ``pop``: the channels of R u C, ordered R first, then C by prefill score. A decode step computes gate/up
   over these |R u C| channels, scores the Candidates on the current token(s), keeps the top k_sel, and runs
@@ -75,9 +75,17 @@ class POPFFN(nn.Module):
         mode: ``pop``, ``static`` or ``reselect``.
         context: shared `PromptContext` (None: a multi-token forward starts a new prompt).
         kernels: ``auto`` runs the decode steps of ``pop`` and ``static`` as Triton kernels on CUDA tensors
-            (`triton_pop`: weights read in place through a channel index) when the FFN is SiLU-gated without
-            gate/up biases and a step has at most 64 tokens; ``torch`` always uses PyTorch ops over per-prompt
-            weight slices. Both compute the same rule.
+            (`triton_pop`) when the FFN is SiLU-gated without gate/up biases and a step has at most 64 tokens;
+            ``torch`` always uses PyTorch ops over per-prompt weight slices. Both compute the same rule.
+        weights: what the Triton kernels read. ``slices`` (default): per prompt, the gate/up rows of the
+            computed channels are copied side by side into one (n, 2, hidden) buffer and their down_proj columns
+            into (n, hidden) rows, refilled in place for every prompt; every weight a step reads is then
+            contiguous, and a one-token step runs the selection inside its gate/up launch
+            (`triton_pop.sliced_step`): the fastest form. ``index``: no per-prompt copy; the kernels read the
+            model's own rows through an int32 channel index (slower by a few microseconds per layer on an H100,
+            see docs/results.md). Both keep down_proj transposed once per model (a third of the FFN weights);
+            the slices add 3n rows per layer (n = |R u C| for pop, the kept set for static: at the 40% target
+            of Llama-2-7B about 0.45 of the FFN weights). The PyTorch path always uses the slices.
     """
 
     lfmsift_replacement = True
@@ -90,11 +98,16 @@ class POPFFN(nn.Module):
         mode: Mode = "pop",
         context: PromptContext | None = None,
         kernels: str = "auto",
+        weights: str = "slices",
     ):
         super().__init__()
         if kernels not in ("auto", "torch"):
             raise ValueError(f"kernels must be 'auto' (Triton on CUDA when available) or 'torch'; got {kernels!r}")
+        if weights not in ("slices", "index"):
+            raise ValueError(f"weights must be 'slices' (per-prompt contiguous copies) or 'index' (the model's "
+                             f"rows read in place); got {weights!r}")
         self.kernels = kernels
+        self.weights = weights
         if mode not in MODES:
             raise ValueError(f"Unknown POP mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
@@ -129,8 +142,8 @@ class POPFFN(nn.Module):
         return self._views.down_proj
 
     def _clear_slices(self) -> None:
-        self.w_gate_up: torch.Tensor | None = None  # (2n, hidden): gate rows then up rows of the slice
-        self.b_gate_up: torch.Tensor | None = None
+        self.w_gate_up: torch.Tensor | None = None  # (n, 2, hidden): each channel's gate and up rows side by side
+        self.b_gate_up: torch.Tensor | None = None  # (n, 2)
         self.w_down_rows: torch.Tensor | None = None  # (n, hidden): down_proj columns of the slice, as rows
         self.down_t: torch.Tensor | None = None  # (d_ff, hidden): down_proj transposed, built once
         self.cand_col_norms_sq: torch.Tensor | None = None  # squared down-column norms of C (pop)
@@ -145,7 +158,9 @@ class POPFFN(nn.Module):
         self.cand_in_top: torch.Tensor | None = None  # int8 (|C|,): Candidate in the prefill top set (Triton)
         self.down_acc = None  # triton_pop.DownAccumulator of the down pass (Triton path)
         self.cand_scratch = None  # triton_pop.CandidateScratch or RankScratch of the decode step (Triton path)
-        self._indexed = False  # this prompt's decode runs the Triton kernels over `chan`
+        self.slice_chan: torch.Tensor | None = None  # int32 arange(n): the slices' own rows (Triton, >1 token)
+        self._indexed = False  # this prompt's decode runs the Triton kernels (over `chan` or the slices)
+        self._sliced = False  # ... over the slices, built in `chan`'s order
         self._slices_for: Partition | None = None  # the partition w_gate_up / w_down_rows were built for
 
     @staticmethod
@@ -171,16 +186,18 @@ class POPFFN(nn.Module):
     def _build_slices(self, channels: torch.Tensor) -> None:
         """Contiguous gate/up rows and down rows of `channels`, in that order (once per prompt).
 
-        The sizes depend only on d_ff and the ratios, so the buffers are allocated on the first prompt and
-        refilled in place afterwards. They are detached: POP is an inference method.
+        Each channel's gate and up rows lie side by side (one matmul over the (2n, hidden) view gives them
+        interleaved; a one-token Triton program reads both in one contiguous pass). The sizes depend only on
+        d_ff and the ratios, so the buffers are allocated on the first prompt and refilled in place afterwards
+        (a captured decode step stays valid). They are detached: POP is an inference method.
         """
         g, u = self._gate, self._up
         n, hid = channels.numel(), self.hidden_size
-        self.w_gate_up = self._reuse(self.w_gate_up, (2 * n, hid), g.weight)
-        torch.index_select(g.weight, 0, channels, out=self.w_gate_up[:n])
-        torch.index_select(u.weight, 0, channels, out=self.w_gate_up[n:])
+        self.w_gate_up = self._reuse(self.w_gate_up, (n, 2, hid), g.weight)
+        torch.index_select(g.weight, 0, channels, out=self.w_gate_up[:, 0])
+        torch.index_select(u.weight, 0, channels, out=self.w_gate_up[:, 1])
         if g.bias is not None:
-            self.b_gate_up = torch.cat([g.bias.index_select(0, channels), u.bias.index_select(0, channels)])
+            self.b_gate_up = torch.stack([g.bias.index_select(0, channels), u.bias.index_select(0, channels)], 1)
         self.w_down_rows = self._reuse(self.w_down_rows, (n, hid), g.weight)
         torch.index_select(self._transposed_down(), 0, channels, out=self.w_down_rows)
         self._slices_for = self.partition
@@ -258,8 +275,14 @@ class POPFFN(nn.Module):
         # Every per-prompt tensor a decode step reads is refilled in place, so a decode step captured in a CUDA
         # graph stays valid for later prompts (same addresses, new contents).
         self._indexed = self.mode != "reselect" and self._kernels_fit(x)
-        if self._indexed:  # no weight copy: the kernels read the channels' rows in place
+        self._sliced = self._indexed and self.weights == "slices"
+        if self._indexed:  # the channel vectors; with "index", the kernels read the channels' rows in place
             self._set_channel_index(part)
+            if self._sliced:
+                self._build_slices(self.chan.long())
+                n = self.chan.numel()
+                if self.slice_chan is None or self.slice_chan.numel() != n or self.slice_chan.device != x.device:
+                    self.slice_chan = torch.arange(n, dtype=torch.int32, device=x.device)
         elif self.mode != "reselect":
             self._build_slices(self._computed_channels(part))
             if self.mode == "pop":
@@ -296,12 +319,7 @@ class POPFFN(nn.Module):
         if self.mode == "static" or (self.mode == "pop" and s.k_select == s.n_candidates):
             # every computed channel is used (static; pop with no choice to make: gamma = 0, or all needed)
             if indexed:
-                flat = x.reshape(-1, hid).contiguous()
-                h = torch.empty((tokens, self.chan.numel()), dtype=x.dtype, device=x.device)
-                triton_pop.gated_rows(flat, self._gate.weight, self._up.weight, h, chan=self.chan)
-                out = triton_pop.gathered_down(h, self._transposed_down(), self.down_index, rows=self.down_rows,
-                                               acc=self._accumulator(tokens, x.device))
-                out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
+                out = self._add_down_bias(self._triton_step(x, every_channel=True).reshape(*x.shape[:-1], hid))
             else:
                 out = self._down_out(self._gated(x)[..., : s.n_keep], self.w_down_rows[: s.n_keep])
             c.overlap_fixed += s.n_keep
@@ -310,12 +328,7 @@ class POPFFN(nn.Module):
         elif self.mode == "pop":
             n_r, k = s.n_retained, s.k_select
             if indexed:  # Triton: two launches, the selection inside one of them
-                _, out = triton_pop.pop_decode_step(
-                    x.reshape(-1, hid).contiguous(), self._gate.weight, self._up.weight, self.chan, n_r,
-                    self.cand_col_norms_sq, self._transposed_down(), self.down_index, self.down_rows, k,
-                    self._accumulator(tokens, x.device), self._candidate_scratch(tokens, x.device),
-                    c.overlap_acc, self.cand_in_top)
-                out = self._add_down_bias(out.reshape(*x.shape[:-1], hid))
+                out = self._add_down_bias(self._triton_step(x, every_channel=False).reshape(*x.shape[:-1], hid))
                 c.overlap_fixed += n_r  # the selection kernel counted the chosen in the prefill top set
             else:
                 h = self._gated(x)  # (.., |R u C|), R first, then C by prefill rank
@@ -345,6 +358,39 @@ class POPFFN(nn.Module):
         c.decode_flops += flops
         return out
 
+    def _triton_step(self, x: torch.Tensor, every_channel: bool) -> torch.Tensor:
+        """A decode step on the Triton kernels, (tokens, hidden) out: gate/up over the computed channels and
+        the down pass over those used — all of them (`every_channel`: static, or pop with no Candidate band),
+        else R and the k_select best Candidates. Over the slices (one token: `triton_pop.sliced_step`; more:
+        the index kernels over the slices' own rows) or through the channel index into the model's rows."""
+        s = self.sizes
+        tokens = x.shape[:-1].numel()
+        flat = x.reshape(-1, self.hidden_size).contiguous()
+        acc = self._accumulator(tokens, x.device)
+        n = self.chan.numel()
+        n_r, k = (n, 0) if every_channel else (s.n_retained, s.k_select)
+        overlap, in_top = (None, None) if every_channel else (self.counters.overlap_acc, self.cand_in_top)
+        if self._sliced and tokens == 1:
+            scratch = None if every_channel else self._candidate_scratch(tokens, x.device)
+            return triton_pop.sliced_step(flat, self.w_gate_up, self.w_down_rows, n_r, self.cand_col_norms_sq,
+                                          self.down_index, k, acc, scratch, overlap, in_top)[1]
+        if self._sliced:  # the slices' rows are their own channels: chan = rows = arange
+            gate, up, down = self.w_gate_up[:, 0], self.w_gate_up[:, 1], self.w_down_rows
+            chan, rows = self.slice_chan, self.down_index
+        else:
+            gate, up, down = self._gate.weight, self._up.weight, self._transposed_down()
+            chan, rows = self.chan, self.down_rows
+        if every_channel:
+            h = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
+            if self._sliced:  # every slice row, in order: no index at all
+                triton_pop.gated_rows(flat, gate, up, h)
+                return triton_pop.kept_down(h, down, self.down_index, n, n, acc)
+            triton_pop.gated_rows(flat, gate, up, h, chan=chan)
+            return triton_pop.gathered_down(h, down, self.down_index, rows=rows, acc=acc)
+        return triton_pop.pop_decode_step(flat, gate, up, chan, n_r, self.cand_col_norms_sq, down, self.down_index,
+                                          rows, k, acc, self._candidate_scratch(tokens, x.device), overlap,
+                                          in_top)[1]
+
     def _down_used(self) -> torch.Tensor:
         """(n_keep, hidden) rows for the PyTorch decode: the R rows, then each step's selected Candidates.
 
@@ -373,7 +419,7 @@ class POPFFN(nn.Module):
         """Scratch of POP's Triton step: for the one-launch gate/up + selection (`triton_pop.gated_select`) or,
         where that does not pay (`triton_pop.use_gated_select`), for `triton_pop.ranked_step`."""
         s = self.sizes
-        if not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
+        if (self._sliced and tokens == 1) or not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
             self.cand_scratch = triton_pop.RankScratch.for_shape(self.cand_scratch, s.n_candidates, device)
             return self.cand_scratch
         self.cand_scratch = triton_pop.CandidateScratch.for_shape(self.cand_scratch, tokens, s.n_candidates,
@@ -398,9 +444,11 @@ class POPFFN(nn.Module):
         return torch.topk(sq.reshape(-1) * col_norms_sq, k, sorted=False).indices
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
-        gu = F.linear(x, self.w_gate_up, self.b_gate_up)
-        gate, up = gu.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        """act(gate) * up over the slice's channels: one matmul, its outputs gate/up interleaved per channel."""
+        n, _, hid = self.w_gate_up.shape
+        bias = None if self.b_gate_up is None else self.b_gate_up.reshape(2 * n)
+        gu = F.linear(x, self.w_gate_up.reshape(2 * n, hid), bias).unflatten(-1, (n, 2))
+        return self.act_fn(gu[..., 0]) * gu[..., 1]
 
     # -- accounting ------------------------------------------------------------------------------
 

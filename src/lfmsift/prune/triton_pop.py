@@ -410,6 +410,102 @@ if triton is not None:
             tl.store(chan_ptr + keep_at, offs, mask=in_keep)
             tl.store(rows_ptr + keep_at, offs, mask=in_keep)
 
+    @triton.jit
+    def _pair_row(x_ptr, w_ptr, h_ptr, i, K, BLOCK_K: tl.constexpr):
+        """One token's ``h[i] = silu(x . gate_i) * (x . up_i)`` from side-by-side slice rows (gate_i then up_i,
+        2K contiguous elements at ``w_ptr + 2Ki``): one program streams both rows in one pass."""
+        base = i.to(tl.int64) * 2 * K
+        acc_g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs < K
+            xv = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+            acc_g += tl.load(w_ptr + base + offs, mask=kmask, other=0.0).to(tl.float32) * xv
+            acc_u += tl.load(w_ptr + base + K + offs, mask=kmask, other=0.0).to(tl.float32) * xv
+        gs = tl.sum(acc_g, axis=0)
+        us = tl.sum(acc_u, axis=0)
+        h = (gs / (1.0 + tl.exp(-gs)) * us).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + i, h)
+        return h
+
+    @triton.jit
+    def _sliced_select_kernel(x_ptr, w_ptr, h_ptr, cn_ptr, score_ptr, cnt_ptr, idx_ptr, top_ptr, ovl_ptr, n_r, n_c, k,
+                              K, BLOCK_K: tl.constexpr, RANK_I: tl.constexpr, RANK_J: tl.constexpr,
+                              COUNT: tl.constexpr):
+        """One token's gate/up over the R + C slice rows with the Candidate selection inside (`sliced_step`).
+
+        Programs [0, n_c): one Candidate channel each (slice row n_r + pid): its activation and float32 score,
+        then counted in ``cnt[0]`` (a CTA barrier, then one release atomic: the pattern of a cooperative grid
+        barrier). Programs [n_c, n_c + n_rank): rankers of RANK_I Candidates each; once ``cnt[0]`` reaches n_c,
+        each counts, for each of its Candidates, the scores greater or equal at a lower position (the rule of
+        `select_candidates`, so the same set for the same h) and writes rank < k at its rank into
+        ``idx[n_r:]``; they are counted through in ``cnt[1]`` and the last resets both counters. The rest: the
+        Retained channels (rows 0..n_r). The rankers wait only on lower programs, which never wait, and they
+        start while the Candidates finish, so the ranking is over long before the Retained rows are streamed."""
+        pid = tl.program_id(0)
+        n_rank = tl.cdiv(n_c, RANK_I)
+        if pid < n_c:
+            h = _pair_row(x_ptr, w_ptr, h_ptr, n_r + pid, K, BLOCK_K).to(tl.float32)
+            tl.store(score_ptr + pid, h * h * tl.load(cn_ptr + pid))
+            tl.debug_barrier()
+            tl.atomic_add(cnt_ptr, 1, sem="release")
+        elif pid < n_c + n_rank:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+            while seen < n_c:
+                seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+            offs_i = (pid - n_c) * RANK_I + tl.arange(0, RANK_I)
+            imask = offs_i < n_c
+            si = tl.load(score_ptr + offs_i, mask=imask, other=0.0, cache_modifier=".cg")
+            rank = tl.zeros((RANK_I,), dtype=tl.int32)
+            for j0 in range(0, n_c, RANK_J):
+                offs_j = j0 + tl.arange(0, RANK_J)
+                sj = tl.load(score_ptr + offs_j, mask=offs_j < n_c, other=-1.0, cache_modifier=".cg")
+                ahead = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+                rank += tl.sum(ahead.to(tl.int32), axis=1)
+            chosen = imask & (rank < k)
+            tl.store(idx_ptr + n_r + rank, n_r + offs_i, mask=chosen)
+            if COUNT:  # how many of the chosen were in the prefill's top set
+                in_top = tl.load(top_ptr + offs_i, mask=chosen, other=0) != 0
+                tl.atomic_add(ovl_ptr, tl.sum((chosen & in_top).to(tl.int64), axis=0))
+            if tl.atomic_add(cnt_ptr + 1, 1) == n_rank - 1:  # the last ranker through
+                tl.atomic_xchg(cnt_ptr + 1, 0)
+                tl.atomic_xchg(cnt_ptr, 0)
+        else:
+            _pair_row(x_ptr, w_ptr, h_ptr, pid - n_c - n_rank, K, BLOCK_K)
+
+    @triton.jit
+    def _kept_down_kernel(h_ptr, w_ptr, idx_ptr, acc_ptr, ticket_ptr, out_ptr, B, N, n_r, n_keep, stride_hb,
+                          stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                          K_PER_PROG: tl.constexpr):
+        """``h[:, used] @ w[used]`` over contiguous slice rows: used = 0..n_r (no index read), then
+        ``idx[n_r:n_keep]`` (the chosen Candidates' rows). Split-K by (row chunk, column block), finished
+        as in `gathered_down` (`_down_add`)."""
+        pid = tl.program_id(0)
+        n_cb = tl.cdiv(N, BLOCK_N)
+        chunk = pid // n_cb
+        pid_n = pid % n_cb
+        k_lo = chunk * K_PER_PROG
+        k_hi = tl.minimum(k_lo + K_PER_PROG, n_keep)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_B)
+        nmask = offs_n < N
+        bmask = offs_b < B
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_PROG, BLOCK_K):
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < k_hi
+            chosen = offs_k >= n_r
+            pos = tl.where(chosen, tl.load(idx_ptr + offs_k, mask=kmask & chosen, other=0), offs_k)
+            w = tl.load(w_ptr + pos[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + pos[None, :], mask=bmask[:, None] & kmask[None, :],
+                         other=0.0)
+            acc += tl.dot(hv, w)
+        _down_add(acc, acc_ptr, ticket_ptr, out_ptr, pid_n, tl.cdiv(n_keep, K_PER_PROG), B, N, stride_ob, BLOCK_B,
+                  BLOCK_N, True)
+
+
 # Launch parameters, chosen on an H100 by `benchmarks/pop_gpu_tune.py` (results/pop_gpu_tune_h100.json).
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
@@ -419,6 +515,13 @@ RANK_CONFIG = {"BLOCK_I": 16, "BLOCK_J": 512, "num_warps": 4}
 DOWN_CONFIG_ONE_TOKEN = {"K_PER_PROG": 128}
 RANKED_DOWN_RANK_I, RANKED_DOWN_RANK_J = 16, 256  # Candidates ranked per program, scores compared per pass
 GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate rows in `gated_select`
+# `sliced_step` (one token over per-prompt slices; session 14, experiments on branch exp/s14-slices, H100):
+# gate/up one channel per program, 2,048 elements per load (the best of 7 settings); the down pass in chunks
+# of 128 rows up to 40 chunks, 256 beyond (Llama-2-7B 40%: 49.4 against 50.6 us; its 20% target and
+# Llama-3.1-8B's: 256 faster by 1.5-3 us).
+SLICED_GATED_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
+SLICED_DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+SLICED_DOWN_MAX_CHUNKS_OF_128 = 40
 # When POP's step runs gate/up + selection as one launch (`gated_select`) rather than `ranked_step`:
 # "auto" (`use_gated_select`), "always" (where it may run) or "never".
 GATED_SELECT = "auto"
@@ -705,3 +808,65 @@ def partition_index(scores: torch.Tensor, n_retained: int, n_keep: int, n_comput
     _compact_kernel[(triton.cdiv(n, 1024),)](rank, col_norms_sq if pop else scores, chan, rows, keep,
                                              in_top if pop else keep, cand_col_norms_sq if pop else scores, n,
                                              n_retained, n_keep, n_computed, POP=pop, BLOCK=1024, num_warps=4)
+
+
+def sliced_step(x: torch.Tensor, gate_up: torch.Tensor, down_rows: torch.Tensor, n_retained: int,
+                cand_col_norms_sq: torch.Tensor | None, index: torch.Tensor, k: int, acc: DownAccumulator,
+                scratch: RankScratch | None, overlap: torch.Tensor | None = None,
+                in_top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's POP step over per-prompt slices, in two launches; returns (h, output in x's dtype).
+
+    `gate_up` (n, 2, hidden) holds each computed channel's gate and up rows side by side, R first, then C;
+    `down_rows` (n, hidden) their down_proj columns as rows, in the same order. Launch 1: gate/up, one
+    channel per program (both rows in one contiguous pass), the Candidates first; rankers behind them wait
+    for the Candidates' scores and write the k best positions (the rule of `select_candidates`) at their
+    rank into ``index[n_retained:]`` while the Retained channels stream. Launch 2: the down pass over rows
+    0..n_retained (contiguous, no index read) and the chosen rows (`_kept_down_kernel`). No weight outside
+    R + C is read, and of C's down rows only the chosen. With no Candidates (static, or every Candidate
+    used: pass ``n_retained = n``, ``k = 0``), gate/up and the down pass over all n rows.
+    `overlap` / `in_top`: see `select_candidates`.
+    """
+    tokens, hidden = x.shape
+    if tokens != 1:
+        raise ValueError(f"sliced_step computes one token; got {tokens} (use pop_decode_step over the slices)")
+    n = gate_up.shape[0]
+    n_cand = n - n_retained
+    if gate_up.shape != (n, 2, hidden) or not gate_up.is_contiguous():
+        raise ValueError(f"gate_up must be a contiguous (n, 2, {hidden}) slice; got {tuple(gate_up.shape)}")
+    if n_cand and (scratch is None or scratch.scores.numel() != n_cand):
+        raise ValueError(f"a RankScratch for {n_cand} Candidates is needed")
+    h = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    count = overlap is not None and in_top is not None and n_cand > 0
+    cfg = dict(SLICED_GATED_CONFIG)
+    block_k = min(cfg.pop("BLOCK_K"), triton.next_power_of_2(hidden))
+    # with no Candidates, no program reads the scores, norms or counters: any tensor stands in
+    cn, scores, counters = (cand_col_norms_sq, scratch.scores, scratch.counters) if n_cand else (h, h, index)
+    grid = (n + triton.cdiv(n_cand, RANKED_DOWN_RANK_I),)
+    _sliced_select_kernel[grid](
+        x, gate_up, h, cn, scores, counters, index, in_top if count else index, overlap if count else index,
+        n_retained, n_cand, k, hidden, BLOCK_K=block_k, RANK_I=RANKED_DOWN_RANK_I, RANK_J=RANKED_DOWN_RANK_J,
+        COUNT=count, **cfg)
+    return h, kept_down(h, down_rows, index, n_retained, n_retained + k, acc)
+
+
+def kept_down(h: torch.Tensor, down_rows: torch.Tensor, index: torch.Tensor, n_retained: int, n_keep: int,
+              acc: DownAccumulator, config: dict | None = None) -> torch.Tensor:
+    """``h[:, used] @ down_rows[used]`` in h's dtype, for used = 0..n_retained then ``index[n_retained:n_keep]``
+    (positions into the slice, which are also columns of h); at most 64 tokens. The first n_retained rows are
+    read with no index, so the down pass over a slice needs no index loads ahead of its weight loads."""
+    tokens, hidden = h.shape[0], down_rows.shape[1]
+    if tokens > 64:
+        raise ValueError("kept_down is a decode kernel: at most 64 tokens per call")
+    cfg = {**SLICED_DOWN_CONFIG, **(config or {})}
+    if "K_PER_PROG" not in cfg:
+        cfg["K_PER_PROG"] = 128 if triton.cdiv(n_keep, 128) <= SLICED_DOWN_MAX_CHUNKS_OF_128 else 256
+    n_cb = triton.cdiv(hidden, cfg["BLOCK_N"])
+    if acc.acc.shape != (tokens, hidden) or acc.tickets.numel() < n_cb:
+        raise ValueError(f"accumulator of shape {tuple(acc.acc.shape)} does not fit ({tokens}, {hidden})")
+    out = torch.empty((tokens, hidden), dtype=h.dtype, device=h.device)
+    if n_keep == 0:
+        return out.zero_()
+    _kept_down_kernel[(n_cb * triton.cdiv(n_keep, cfg["K_PER_PROG"]),)](
+        h, down_rows, index, acc.acc, acc.tickets, out, tokens, hidden, n_retained, n_keep, h.stride(0),
+        down_rows.stride(0), out.stride(0), BLOCK_B=max(16, triton.next_power_of_2(tokens)), **cfg)
+    return out
