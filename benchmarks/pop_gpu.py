@@ -4,7 +4,8 @@ For the FFN shapes of Llama-2-7B (hidden 4096, d_ff 11008, MHA) and Llama-3.1-8B
 heads), bf16, random weights (weights do not change latency), batch 1 and 10: a 128-token prompt sets the
 partition, then one decode step of the FFN module is captured in a CUDA graph and its replays are timed
 with CUDA events (median of `--repeats` timings of `--inner` replays each, after warm-up), side by side
-with the dense FFN (transformers' LlamaMLP) in the same run. Methods: dense, static (Variant 1: the speed
+with the dense FFN (transformers' LlamaMLP) in the same run: each method's timings alternate with a new
+series of dense's, and its speedup is the ratio of the two medians (dense's own row is a series of its own). Methods: dense, static (Variant 1: the speed
 upper bound), pop, reselect at the 20% and 40% model-level targets (the per-layer FFN ratio of the paper's
 Table 8 rule: 29.9 / 59.8% and 24.8 / 49.5%). ``pop`` / ``static`` run the Triton kernels over per-prompt
 weight slices (the default), ``:index`` over the model's own rows through a channel index, ``pop:torch``
@@ -80,27 +81,38 @@ def copy_bandwidth(device, gib: float = 2.0) -> float:
 
 def time_graph(fn, x_static: torch.Tensor, repeats: int, inner: int) -> float:
     """Median seconds of one call of `fn(x_static)`, replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
+    return time_graphs([fn], x_static, repeats, inner)[0]
+
+
+def time_graphs(fns, x_static: torch.Tensor, repeats: int, inner: int) -> list[float]:
+    """Median seconds of one call of each `fn(x_static)`, each replayed from its own CUDA graph; the timings
+    of the graphs alternate (one timing of `inner` replays of each in turn, `repeats` times), so a drift of
+    the clocks or the temperature during the run weighs on all of them alike."""
+    graphs = []
+    for fn in fns:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(x_static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn(x_static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x_static)
-    for _ in range(10):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
+        for _ in range(10):
             graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    return statistics.median(times)
+        graphs.append(graph)
+    times = [[] for _ in graphs]
+    for _ in range(repeats):
+        for graph, series in zip(graphs, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            series.append(start.elapsed_time(end) / 1e3 / inner)
+    return [statistics.median(series) for series in times]
 
 
 def masked_reference(pop: POPFFN, mlp, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +195,8 @@ def main() -> None:
                         torch.cuda.synchronize()
                         prefill.append(start.elapsed_time(end) / 1e3)
                     dense_prefill = time_graph(mlp, prompts[-1], 5, 5)
-                    step_s = time_graph(pop, x_step, args.repeats, args.inner)
+                    # dense again, its timings alternating with this method's: the speedup is a paired ratio
+                    paired_dense_s, step_s = time_graphs([mlp, pop], x_step, args.repeats, args.inner)
                     x_check = torch.randn_like(x_step)
                     out = pop(x_check).float()
                     ref = masked_reference(pop, mlp, x_check)
@@ -192,7 +205,8 @@ def main() -> None:
                     limit = dense_bytes / b
                     rows.append(dict(
                         config=name, batch=batch, mode=variant, target=target, ffn_ratio=r, step_us=step_s * 1e6,
-                        speedup=dense_s / step_s, bytes=b, bytes_limit=limit, of_limit=(dense_s / step_s) / limit,
+                        paired_dense_us=paired_dense_s * 1e6, speedup=paired_dense_s / step_s, bytes=b,
+                        bytes_limit=limit, of_limit=(paired_dense_s / step_s) / limit,
                         bandwidth_tbs=b / step_s / 1e12, of_copy_bw=b / step_s / bandwidth,
                         prefill_ms=statistics.median(prefill) * 1e3, dense_prefill_ms=dense_prefill * 1e3,
                         rel_error_vs_masked_fp32=err,
@@ -201,12 +215,12 @@ def main() -> None:
                     torch.cuda.empty_cache()
         del mlp
         torch.cuda.empty_cache()
-    head = f"{'config':12} {'b':>3} {'mode':12} {'tgt':>4} {'r':>5} {'step us':>8} {'speedup':>8} {'limit':>6} " \
+    head = f"{'config':12} {'b':>3} {'mode':12} {'tgt':>4} {'r':>5} {'step us':>8} {'dense us':>8} {'speedup':>8} {'limit':>6} " \
            f"{'of lim':>7} {'TB/s':>5} {'of copy':>8} {'prefill ms':>10} {'rel err':>8}"
     print(head)
     for row in rows:
         print(f"{row['config']:12} {row['batch']:>3} {row['mode']:12} {row['target']:>4.1f} {row['ffn_ratio']:>5.3f} "
-              f"{row['step_us']:>8.1f} {row['speedup']:>7.2f}x {row['bytes_limit']:>5.2f}x {row['of_limit']:>6.1%} "
+              f"{row['step_us']:>8.1f} {row.get('paired_dense_us', row['step_us']):>8.1f} {row['speedup']:>7.2f}x {row['bytes_limit']:>5.2f}x {row['of_limit']:>6.1%} "
               f"{row['bandwidth_tbs']:>5.2f} {row['of_copy_bw']:>7.1%} "
               f"{row.get('prefill_ms', float('nan')):>10.2f} {row.get('rel_error_vs_masked_fp32', float('nan')):>8.1e}")
     out = write_json(args.json, {
