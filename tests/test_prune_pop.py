@@ -178,6 +178,8 @@ def test_errors_leave_the_model_unchanged():
         apply(model, "popp", target=0.2)
     with pytest.raises(TypeError, match="Bad settings"):
         apply(model, "pop", ratio=0.2)
+    with pytest.raises(ValueError, match="'slices' or 'index'"):
+        apply(model, "pop", target=0.2, weights="copies")
     assert [layer.mlp for layer in model.model.layers] == originals
     assert not model.model._forward_pre_hooks
 
@@ -189,6 +191,12 @@ def test_applying_twice_is_a_clear_error():
     with pruned(model, "pop", target=0.2):
         with pytest.raises(AlreadyModifiedError, match="remove"):
             apply(model, "static", target=0.2)
+
+
+def test_unknown_weights_form_is_a_clear_error():
+    layer = describe(tiny_model("llama")).layers[0]
+    with pytest.raises(ValueError, match="'slices'.*'index'"):
+        POPFFN(layer.ffn, ffn_ratio=0.3, weights="rows")
 
 
 def test_empty_prompt_is_a_clear_error():

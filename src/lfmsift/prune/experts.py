@@ -109,6 +109,7 @@ class POPExperts(nn.Module):
         delta: float = 0.05,
         mode: Mode = "pop",
         context: PromptContext | None = None,
+        weights: str = "slices",
     ):
         super().__init__()
         self.dense = experts.module
@@ -118,7 +119,8 @@ class POPExperts(nn.Module):
         self.owns_context = context is None
         self.context = context if context is not None else PromptContext()
         self.experts = nn.ModuleList(
-            POPFFN(expert_ffn(experts, e), ffn_ratio, delta, mode, self.context) for e in range(self.num_experts)
+            POPFFN(expert_ffn(experts, e), ffn_ratio, delta, mode, self.context, weights=weights)
+            for e in range(self.num_experts)
         )
         self.sizes = self.experts[0].sizes
         self.ffn_ratio = self.experts[0].ffn_ratio

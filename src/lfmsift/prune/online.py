@@ -14,6 +14,9 @@ fraction); it only affects ``pop``.
 Mixture-of-experts layers get `experts.POPExperts` in place of their fused routed experts (per-expert
 partitions; the target converts with the activated experts only). A shared expert stays dense unless
 ``prune_shared_expert=True``, which gives it a `POPFFN` at the same ratio (not counted in the budget).
+``weights`` says what the Triton decode kernels read on CUDA: per-prompt weight slices (``"slices"``, the
+default and the fastest) or the model's own rows through a channel index (``"index"``, no per-prompt copy);
+see `pop.POPFFN`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class _OnlinePruning(PruningMethod):
     target: float | None = None
     gamma: float = 0.1
     prune_shared_expert: bool = False
+    weights: str = "slices"  # what the Triton decode kernels read: see POPFFN ("slices" or "index")
     mode = "pop"
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class _OnlinePruning(PruningMethod):
             raise ValueError(f"{self.name}: give exactly one of ffn_ratio= or target=")
         if self.gamma < 0:
             raise ValueError(f"{self.name}: gamma must be >= 0; got {self.gamma}")
+        if self.weights not in ("slices", "index"):
+            raise ValueError(f"{self.name}: weights must be 'slices' or 'index'; got {self.weights!r}")
 
     @property
     def delta(self) -> float:
@@ -88,15 +94,15 @@ class _OnlinePruning(PruningMethod):
             ratios.append(r)
             ffn = layer.ffn
             if isinstance(ffn, MoEFFN):  # routed experts in place; router (and shared expert) untouched
-                pop = POPExperts(ffn.experts, ffn.top_k, r, self.delta, self.mode, context)
+                pop = POPExperts(ffn.experts, ffn.top_k, r, self.delta, self.mode, context, self.weights)
                 swaps.append(Swap(ffn.module, "experts", ffn.experts.module, pop, layer.index))
                 shared = ffn.shared_expert
                 if self.prune_shared_expert and shared is not None:
                     attr = view.arch.shared_expert
-                    shared_pop = POPFFN(shared, r, self.delta, self.mode, context)
+                    shared_pop = POPFFN(shared, r, self.delta, self.mode, context, weights=self.weights)
                     swaps.append(Swap(ffn.module, attr, shared.module, shared_pop, layer.index))
             else:
-                pop = POPFFN(ffn, r, self.delta, self.mode, context)
+                pop = POPFFN(ffn, r, self.delta, self.mode, context, weights=self.weights)
                 swaps.append(Swap(layer.module, layer.ffn_attr, ffn.module, pop, layer.index))
         summary = {
             "mode": self.mode,
