@@ -4,9 +4,14 @@ A POP decode step must (1) compute gate/up for the Retained + Candidate channels
 Candidates with the highest ``sum_b h^2 * ||W_down[:, i]||^2`` and (3) run down_proj over the Retained
 channels plus those k. With PyTorch these are a gathered weight slice per prompt, a float cast, a square,
 a sum, ``topk`` (about 20 us on an H100 for ~1,100 values), a gather copy of the k rows and a GEMV whose
-weight is laid out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). Here no
-weight is copied per prompt: every kernel reads the model's own weight rows through a channel index.
+weight is laid out as rows (cuBLAS reads it at about half the bandwidth of the usual layout). The kernels
+read either per-prompt slices (`sliced_step`, `kept_down`: every row contiguous) or the model's own weight
+rows in place through a channel index (the others; given the slices' own rows and an identity index, they
+also run over the slices).
 
+- `sliced_step`: one token over the slices in two launches — gate/up one channel per program (gate and up
+  rows side by side), the Candidates first and rankers behind them that pick the k best while the Retained
+  channels stream, then `kept_down`: the down pass over the Retained rows (no index) and the chosen ones;
 - `gated_rows`: gate and up over the rows named by a channel index, SiLU and product fused, so the
   intermediate gate/up outputs never go to memory;
 - `select_candidates`: one program scores every Candidate, finds the k-th largest score by a bitwise
@@ -29,9 +34,10 @@ weight is copied per prompt: every kernel reads the model's own weight rows thro
   rank the Candidates while the programs over the Retained rows stream (the programs over the chosen rows
   wait for the ranking);
 - `pop_decode_step`: two launches, either `gated_select` then the down pass over the Retained + selected
-  rows, or `ranked_step` (`use_gated_select` says which).
+  rows, or `ranked_step` (`use_gated_select` says which); what POP runs for 2-64 tokens, and for one token
+  with ``weights="index"``.
 
-No weight row outside R + selected is read. All kernels are CUDA-graph safe (fixed shapes, no host sync).
+No weight row outside R + C is read, and of C's down rows only the selected. All kernels are CUDA-graph safe (fixed shapes, no host sync).
 Channel vectors are sorted by channel id within R and within C, so rows are read in address order.
 """
 
@@ -578,8 +584,8 @@ def pop_decode_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chan:
                     in_top: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """POP's whole decode step in two launches. Returns (h, output in x's dtype).
 
-    `chan` (int32) names the R channels then the C channels (rows of `gate` / `up` / `down_t`, the model's
-    own weights, down_proj transposed); h's columns follow it. `index` / `down_rows` (int32, n_keep) hold
+    `chan` (int32) names the R channels then the C channels (rows of `gate` / `up` / `down_t`: the model's
+    own weights, down_proj transposed; or the slices' rows, `chan` then an identity); h's columns follow it. `index` / `down_rows` (int32, n_keep) hold
     the R positions / channels and receive the selected ones behind them. With a `CandidateScratch`, gate/up
     and the selection are one launch (`gated_select`), then the down pass; with a `RankScratch`, gate/up
     (writing the Candidates' scores), then the down pass with the selection in its first programs
