@@ -97,9 +97,10 @@ if triton is not None:
     @triton.jit
     def _down_partial(h_ptr, w_ptr, idx_ptr, rows_ptr, k_lo, k_hi, pid_n, B, N, stride_hb, stride_wk,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr,
-                      HAS_ROWS: tl.constexpr):
+                      HAS_ROWS: tl.constexpr, n_direct=0, DIRECT: tl.constexpr = False):
         """float32 ``h[:, idx[k_lo:k_hi]] @ w[rows[k_lo:k_hi], pid_n-th BLOCK_N columns]`` (k_hi - k_lo at most
-        K_PER_PROG). The index is read past L1 (another program of the launch may have just written it)."""
+        K_PER_PROG). The index is read past L1 (another program of the launch may have just written it).
+        With DIRECT (slices: rows are positions), positions below n_direct are their own index: no index read."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         nmask = offs_n < N
@@ -108,7 +109,12 @@ if triton is not None:
         for k0 in range(0, K_PER_PROG, BLOCK_K):
             offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < k_hi
-            pos = tl.load(idx_ptr + offs_k, mask=kmask, other=0, cache_modifier=".cg")  # columns of h
+            if DIRECT:
+                listed = offs_k >= n_direct
+                pos = tl.where(listed, tl.load(idx_ptr + offs_k, mask=kmask & listed, other=0, cache_modifier=".cg"),
+                               offs_k)
+            else:
+                pos = tl.load(idx_ptr + offs_k, mask=kmask, other=0, cache_modifier=".cg")  # columns of h
             rows = tl.load(rows_ptr + offs_k, mask=kmask, other=0, cache_modifier=".cg") if HAS_ROWS else pos
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -493,21 +499,8 @@ if triton is not None:
         pid_n = pid % n_cb
         k_lo = chunk * K_PER_PROG
         k_hi = tl.minimum(k_lo + K_PER_PROG, n_keep)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_b = tl.arange(0, BLOCK_B)
-        nmask = offs_n < N
-        bmask = offs_b < B
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K_PER_PROG, BLOCK_K):
-            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < k_hi
-            chosen = offs_k >= n_r
-            pos = tl.where(chosen, tl.load(idx_ptr + offs_k, mask=kmask & chosen, other=0), offs_k)
-            w = tl.load(w_ptr + pos[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
-                        mask=kmask[:, None] & nmask[None, :], other=0.0)
-            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + pos[None, :], mask=bmask[:, None] & kmask[None, :],
-                         other=0.0)
-            acc += tl.dot(hv, w)
+        acc = _down_partial(h_ptr, w_ptr, idx_ptr, idx_ptr, k_lo, k_hi, pid_n, B, N, stride_hb, stride_wk, BLOCK_B,
+                            BLOCK_K, BLOCK_N, K_PER_PROG, False, n_r, True)
         _down_add(acc, acc_ptr, ticket_ptr, out_ptr, pid_n, tl.cdiv(n_keep, K_PER_PROG), B, N, stride_ob, BLOCK_B,
                   BLOCK_N, True)
 
