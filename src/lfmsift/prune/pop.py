@@ -416,8 +416,9 @@ class POPFFN(nn.Module):
         return self.down_acc
 
     def _candidate_scratch(self, tokens: int, device: torch.device):
-        """Scratch of POP's Triton step: for the one-launch gate/up + selection (`triton_pop.gated_select`) or,
-        where that does not pay (`triton_pop.use_gated_select`), for `triton_pop.ranked_step`."""
+        """Scratch of POP's Triton step: a `RankScratch` for `triton_pop.sliced_step` (one token over the
+        slices) and for `triton_pop.ranked_step`; a `CandidateScratch` for the one-launch gate/up + selection
+        (`triton_pop.gated_select`) where `triton_pop.use_gated_select` says it pays."""
         s = self.sizes
         if (self._sliced and tokens == 1) or not triton_pop.use_gated_select(s.n_retained, s.n_candidates, device):
             self.cand_scratch = triton_pop.RankScratch.for_shape(self.cand_scratch, s.n_candidates, device)
