@@ -9,7 +9,8 @@ series of dense's, and its speedup is the ratio of the two medians (dense's own 
 upper bound), pop, reselect at the 20% and 40% model-level targets (the per-layer FFN ratio of the paper's
 Table 8 rule: 29.9 / 59.8% and 24.8 / 49.5%). ``pop`` / ``static`` run the Triton kernels over per-prompt
 weight slices (the default), ``:index`` over the model's own rows through a channel index, ``pop:torch``
-PyTorch's ops over the slices.
+PyTorch's ops over the slices, ``:serial`` the slices with the one-token step's down pass launched after the
+gate/up launch has retired (no programmatic dependent launch: `triton_pop.dependent_launch`).
 
 Reported per row: the decode-step time and its speedup over dense; the bytes of weights the step must read
 (dense: 3 d_ff H; static: 3 n_keep H; pop: 2 |R u C| H for gate/up + n_keep H for down; reselect: dense
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lfmsift.models.adapters import GatedFFN  # noqa: E402
 from lfmsift.prune.budget import ffn_ratio_for_target  # noqa: E402
+from lfmsift.prune import triton_pop  # noqa: E402
 from lfmsift.prune.pop import POPFFN  # noqa: E402
 from lfmsift.results import write_json  # noqa: E402
 
@@ -150,9 +152,10 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--batches", default="1,10")
     ap.add_argument("--targets", default="0.2,0.4")
-    ap.add_argument("--modes", default="static,static:index,pop:torch,pop,pop:index,reselect",
+    ap.add_argument("--modes", default="static,static:index,pop:torch,pop,pop:serial,pop:index,reselect",
                     help="Methods; ':torch' forces the PyTorch ops, ':index' has the Triton kernels read the model's "
-                         "rows through the channel index (default: Triton kernels over per-prompt slices).")
+                         "rows through the channel index, ':serial' the slices with no dependent launch (default: "
+                         "Triton kernels over per-prompt slices).")
     ap.add_argument("--gamma", type=float, default=0.1)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
@@ -182,6 +185,7 @@ def main() -> None:
                 r = ffn_ratio(cfg, target)
                 for variant in args.modes.split(","):
                     mode, _, form = variant.partition(":")
+                    triton_pop.SLICED_DEPENDENT_LAUNCH = "never" if form == "serial" else "auto"
                     pop = POPFFN(view, r, args.gamma / 2, mode, kernels="torch" if form == "torch" else "auto",
                                  weights="index" if form == "index" else "slices")
                     prompts = [torch.randn(batch, args.prompt, cfg["hidden"], device=device, dtype=dtype) for _ in range(6)]
@@ -213,6 +217,7 @@ def main() -> None:
                     ))
                     del pop
                     torch.cuda.empty_cache()
+        triton_pop.SLICED_DEPENDENT_LAUNCH = "auto"
         del mlp
         torch.cuda.empty_cache()
     head = f"{'config':12} {'b':>3} {'mode':12} {'tgt':>4} {'r':>5} {'step us':>8} {'dense us':>8} {'speedup':>8} {'limit':>6} " \

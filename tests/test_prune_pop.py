@@ -226,3 +226,12 @@ def test_stats_shapes_and_overlap():
     layer = st["layers"][0]
     assert layer["retained"] + layer["candidates"] + layer["pruned"] == layer["d_ff"]
     assert layer["channels_used_per_decode_step"] == layer["d_ff"] - round(0.3 * layer["d_ff"])
+
+
+def test_dependent_launch_is_off_off_cuda_and_a_bad_setting_is_a_clear_error(monkeypatch):
+    from lfmsift.prune import triton_pop
+
+    assert not triton_pop.dependent_launch(torch.device("cpu"))
+    monkeypatch.setattr(triton_pop, "SLICED_DEPENDENT_LAUNCH", "sometimes")
+    with pytest.raises(ValueError, match="'auto' or 'never'"):
+        triton_pop.dependent_launch(torch.device("cpu"))

@@ -240,8 +240,10 @@ def test_ranked_step_computes_gated_rows_selects_what_select_candidates_does_and
         assert not scratch.counters.any() and not acc.tickets.any() and not acc.acc.any()
 
 
+@pytest.mark.parametrize("dependent", ["auto", "never"])  # the down pass as a dependent launch (Hopper+) or not
 @pytest.mark.parametrize(("n_c", "k"), [(333, 166), (3000, 1500), (333, 0), (0, 0)])  # (0, 0): static
-def test_sliced_step_selects_what_select_candidates_does_and_computes_its_down(n_c, k):
+def test_sliced_step_selects_what_select_candidates_does_and_computes_its_down(n_c, k, dependent, monkeypatch):
+    monkeypatch.setattr(triton_pop, "SLICED_DEPENDENT_LAUNCH", dependent)
     torch.manual_seed(n_c + k)
     hidden, out_dim, n_r = 640, 384, 700
     n = n_r + n_c
@@ -275,6 +277,13 @@ def test_sliced_step_selects_what_select_candidates_does_and_computes_its_down(n
         assert int(overlap) == expected_overlap
         assert not acc.tickets.any() and not acc.acc.any()
         assert scratch is None or not scratch.counters.any()
+
+
+def test_dependent_launch_is_on_from_hopper_and_off_when_told(monkeypatch):
+    device = torch.device("cuda")
+    assert triton_pop.dependent_launch(device) == (torch.cuda.get_device_capability(device)[0] >= 9)
+    monkeypatch.setattr(triton_pop, "SLICED_DEPENDENT_LAUNCH", "never")
+    assert not triton_pop.dependent_launch(device)
 
 
 def test_gated_select_refuses_more_candidate_blocks_than_sms():

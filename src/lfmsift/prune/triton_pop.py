@@ -11,7 +11,8 @@ also run over the slices).
 
 - `sliced_step`: one token over the slices in two launches — gate/up one channel per program (gate and up
   rows side by side), the Candidates first and rankers behind them that pick the k best while the Retained
-  channels stream, then `kept_down`: the down pass over the Retained rows (no index) and the chosen ones;
+  channels stream, then `kept_down`: the down pass over the Retained rows (no index) and the chosen ones,
+  launched as a programmatic dependent launch on Hopper and later (`dependent_launch`);
 - `gated_rows`: gate and up over the rows named by a channel index, SiLU and product fused, so the
   intermediate gate/up outputs never go to memory;
 - `select_candidates`: one program scores every Candidate, finds the k-th largest score by a bitwise
@@ -444,7 +445,7 @@ if triton is not None:
     @triton.jit
     def _sliced_select_kernel(x_ptr, w_ptr, h_ptr, cn_ptr, score_ptr, cnt_ptr, idx_ptr, top_ptr, ovl_ptr, n_r, n_c, k,
                               K, BLOCK_K: tl.constexpr, RANK_I: tl.constexpr, RANK_J: tl.constexpr,
-                              COUNT: tl.constexpr):
+                              COUNT: tl.constexpr, TRIGGER: tl.constexpr = False):
         """One token's gate/up over the R + C slice rows with the Candidate selection inside (`sliced_step`).
 
         Programs [0, n_c): one Candidate channel each (slice row n_r + pid): its activation and float32 score,
@@ -454,7 +455,8 @@ if triton is not None:
         `select_candidates`, so the same set for the same h) and writes rank < k at its rank into
         ``idx[n_r:]``; they are counted through in ``cnt[1]`` and the last resets both counters. The rest: the
         Retained channels (rows 0..n_r). The rankers wait only on lower programs, which never wait, and they
-        start while the Candidates finish, so the ranking is over long before the Retained rows are streamed."""
+        start while the Candidates finish, so the ranking is over long before the Retained rows are streamed.
+        With TRIGGER, every program's last act is griddepcontrol.launch_dependents (`dependent_launch`)."""
         pid = tl.program_id(0)
         n_rank = tl.cdiv(n_c, RANK_I)
         if pid < n_c:
@@ -485,14 +487,19 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr, 0)
         else:
             _pair_row(x_ptr, w_ptr, h_ptr, pid - n_c - n_rank, K, BLOCK_K)
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _kept_down_kernel(h_ptr, w_ptr, idx_ptr, acc_ptr, ticket_ptr, out_ptr, B, N, n_r, n_keep, stride_hb,
                           stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          K_PER_PROG: tl.constexpr):
+                          K_PER_PROG: tl.constexpr, WAIT: tl.constexpr = False):
         """``h[:, used] @ w[used]`` over contiguous slice rows: used = 0..n_r (no index read), then
         ``idx[n_r:n_keep]`` (the chosen Candidates' rows). Split-K by (row chunk, column block), finished
-        as in `gathered_down` (`_down_add`)."""
+        as in `gathered_down` (`_down_add`). With WAIT (a dependent launch), every program first waits
+        (griddepcontrol.wait) until the launch before it has completed and its writes are visible."""
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         n_cb = tl.cdiv(N, BLOCK_N)
         chunk = pid // n_cb
@@ -521,6 +528,9 @@ GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate 
 SLICED_GATED_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
 SLICED_DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 SLICED_DOWN_MAX_CHUNKS_OF_128 = 40
+# `sliced_step`'s down pass as a programmatic dependent launch (`dependent_launch`): "auto" (where the GPU and
+# Triton have it) or "never".
+SLICED_DEPENDENT_LAUNCH = "auto"
 # When POP's step runs gate/up + selection as one launch (`gated_select`) rather than `ranked_step`:
 # "auto" (`use_gated_select`), "always" (where it may run) or "never".
 GATED_SELECT = "auto"
@@ -698,6 +708,30 @@ def use_gated_select(n_retained: int, n_cand: int, device: torch.device) -> bool
     return GATED_SELECT == "always" or n_retained >= GATED_SELECT_MIN_RETAINED_PER_CANDIDATE * n_cand
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Whether `sliced_step` issues its down pass as a programmatic dependent launch (PDL: NVIDIA compute
+    capability 9.0 and later, a Triton with ``tl.extra.cuda.gdc_wait``; `SLICED_DEPENDENT_LAUNCH` "never"
+    turns it off).
+
+    Every program of the gate/up launch signals griddepcontrol.launch_dependents as its last act, so the down
+    launch's programs are placed on the SMs as the gate/up launch's last programs end, instead of after the
+    launch has retired and the next one has been set up; each waits (griddepcontrol.wait) until the gate/up
+    launch has completed and its writes are visible, so the results are those of two plain launches. The
+    trigger sits at the end of the programs: at their start, the waiting down programs took SM slots while
+    gate/up programs were still to be placed. On an H100 (paired CUDA-graph replays, Llama-2-7B FFN at one
+    token, session 16, experiments on branch exp/s16-owner): 47.0 against 49.5 us at the 40% target, 72.8
+    against 76.3 at 20%; Llama-3.1-8B 70.2 against 73.8 and 101.7 against 106.4. With the trigger at the start
+    of the programs it was 49.1 us (session 15).
+    """
+    if SLICED_DEPENDENT_LAUNCH not in ("auto", "never"):
+        raise ValueError(f"SLICED_DEPENDENT_LAUNCH must be 'auto' or 'never'; got {SLICED_DEPENDENT_LAUNCH!r}")
+    if SLICED_DEPENDENT_LAUNCH == "never" or triton is None or device.type != "cuda" or torch.version.hip:
+        return False
+    if not hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _finishers_fit(n_cand: int, device: torch.device) -> bool:
     """At least one and at most one Candidate block per streaming multiprocessor (see `use_gated_select`)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -820,7 +854,8 @@ def sliced_step(x: torch.Tensor, gate_up: torch.Tensor, down_rows: torch.Tensor,
     channel per program (both rows in one contiguous pass), the Candidates first; rankers behind them wait
     for the Candidates' scores and write the k best positions (the rule of `select_candidates`) at their
     rank into ``index[n_retained:]`` while the Retained channels stream. Launch 2: the down pass over rows
-    0..n_retained (contiguous, no index read) and the chosen rows (`_kept_down_kernel`). No weight outside
+    0..n_retained (contiguous, no index read) and the chosen rows (`_kept_down_kernel`), a programmatic
+    dependent launch where the GPU has it (`dependent_launch`). No weight outside
     R + C is read, and of C's down rows only the chosen. With no Candidates (static, or every Candidate
     used: pass ``n_retained = n``, ``k = 0``), gate/up and the down pass over all n rows.
     `overlap` / `in_top`: see `select_candidates`.
@@ -841,18 +876,21 @@ def sliced_step(x: torch.Tensor, gate_up: torch.Tensor, down_rows: torch.Tensor,
     # with no Candidates, no program reads the scores, norms or counters: any tensor stands in
     cn, scores, counters = (cand_col_norms_sq, scratch.scores, scratch.counters) if n_cand else (h, h, index)
     grid = (n + triton.cdiv(n_cand, RANKED_DOWN_RANK_I),)
+    dependent = dependent_launch(x.device)
     _sliced_select_kernel[grid](
         x, gate_up, h, cn, scores, counters, index, in_top if count else index, overlap if count else index,
         n_retained, n_cand, k, hidden, BLOCK_K=block_k, RANK_I=RANKED_DOWN_RANK_I, RANK_J=RANKED_DOWN_RANK_J,
-        COUNT=count, **cfg)
-    return h, kept_down(h, down_rows, index, n_retained, n_retained + k, acc)
+        COUNT=count, TRIGGER=dependent, **cfg)
+    return h, kept_down(h, down_rows, index, n_retained, n_retained + k, acc, dependent=dependent)
 
 
 def kept_down(h: torch.Tensor, down_rows: torch.Tensor, index: torch.Tensor, n_retained: int, n_keep: int,
-              acc: DownAccumulator, config: dict | None = None) -> torch.Tensor:
+              acc: DownAccumulator, config: dict | None = None, dependent: bool = False) -> torch.Tensor:
     """``h[:, used] @ down_rows[used]`` in h's dtype, for used = 0..n_retained then ``index[n_retained:n_keep]``
     (positions into the slice, which are also columns of h); at most 64 tokens. The first n_retained rows are
-    read with no index, so the down pass over a slice needs no index loads ahead of its weight loads."""
+    read with no index, so the down pass over a slice needs no index loads ahead of its weight loads.
+    `dependent`: launched as a programmatic dependent launch whose programs wait for the launch before it
+    (only where `dependent_launch` is true)."""
     tokens, hidden = h.shape[0], down_rows.shape[1]
     if tokens > 64:
         raise ValueError("kept_down is a decode kernel: at most 64 tokens per call")
@@ -865,7 +903,9 @@ def kept_down(h: torch.Tensor, down_rows: torch.Tensor, index: torch.Tensor, n_r
     out = torch.empty((tokens, hidden), dtype=h.dtype, device=h.device)
     if n_keep == 0:
         return out.zero_()
+    if dependent:
+        cfg["launch_pdl"] = True
     _kept_down_kernel[(n_cb * triton.cdiv(n_keep, cfg["K_PER_PROG"]),)](
         h, down_rows, index, acc.acc, acc.tickets, out, tokens, hidden, n_retained, n_keep, h.stride(0),
-        down_rows.stride(0), out.stride(0), BLOCK_B=max(16, triton.next_power_of_2(tokens)), **cfg)
+        down_rows.stride(0), out.stride(0), BLOCK_B=max(16, triton.next_power_of_2(tokens)), WAIT=dependent, **cfg)
     return out
