@@ -716,12 +716,12 @@ def dependent_launch(device: torch.device) -> bool:
     Every program of the gate/up launch signals griddepcontrol.launch_dependents as its last act, so the down
     launch's programs are placed on the SMs as the gate/up launch's last programs end, instead of after the
     launch has retired and the next one has been set up; each waits (griddepcontrol.wait) until the gate/up
-    launch has completed and its writes are visible, so the results are those of two plain launches. The
-    trigger sits at the end of the programs: at their start, the waiting down programs took SM slots while
-    gate/up programs were still to be placed. On an H100 (paired CUDA-graph replays, Llama-2-7B FFN at one
-    token, session 16, experiments on branch exp/s16-owner): 47.0 against 49.5 us at the 40% target, 72.8
-    against 76.3 at 20%; Llama-3.1-8B 70.2 against 73.8 and 101.7 against 106.4. With the trigger at the start
-    of the programs it was 49.1 us (session 15).
+    launch has completed and its writes are visible, so the results are those of two plain launches. The gain
+    is small and steady: on an H100 (paired CUDA-graph replays of the FFN module at one token, session 16,
+    `benchmarks/pop_gpu.py` rows ``pop`` against ``pop:serial`` and experiments on branch exp/s16-owner)
+    Llama-2-7B 49.2-49.6 against 49.7-49.9 us at the 40% target, Llama-3.1-8B 72.5-73.6 against 73.5-74.3.
+    The trigger sits at the end of the programs: at their start it was as fast at 40% but up to 4 us slower
+    at Llama-3.1-8B's 20% target (the waiting down programs hold SM slots through the gate/up launch's tail).
     """
     if SLICED_DEPENDENT_LAUNCH not in ("auto", "never"):
         raise ValueError(f"SLICED_DEPENDENT_LAUNCH must be 'auto' or 'never'; got {SLICED_DEPENDENT_LAUNCH!r}")
