@@ -499,7 +499,8 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _kept_down_kernel(h_ptr, w_ptr, idx_ptr, acc_ptr, ticket_ptr, out_ptr, B, N, n_r, n_keep, stride_hb,
+    def _kept_down_kernel(h_ptr, w_ptr, idx_ptr, acc_ptr, ticket_ptr, out_ptr, B: tl.constexpr, N, n_r, n_keep,
+                          stride_hb,
                           stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                           K_PER_PROG: tl.constexpr, WAIT: tl.constexpr = False):
         """``h[:, used] @ w[used]`` over contiguous slice rows: used = 0..n_r (no index read), then
