@@ -726,9 +726,9 @@ def dependent_launch(device: torch.device) -> bool:
     launch's programs are placed on the SMs as the gate/up launch's last programs end, instead of after the
     launch has retired and the next one has been set up; each waits (griddepcontrol.wait) until the gate/up
     launch has completed and its writes are visible, so the results are those of two plain launches. The gain
-    is small and steady: on an H100 (paired CUDA-graph replays of the FFN module at one token, session 16,
-    `benchmarks/pop_gpu.py` rows ``pop`` against ``pop:serial`` and experiments on branch exp/s16-owner)
-    Llama-2-7B 49.2-49.6 against 49.7-49.9 us at the 40% target, Llama-3.1-8B 72.5-73.6 against 73.5-74.3.
+    is small: on an H100 (paired CUDA-graph replays of the FFN module at one token, `benchmarks/pop_gpu.py`
+    rows ``pop`` against ``pop:serial`` in results/pop_gpu_h100.json and results/pop_gpu_b1_machines_h100.json)
+    0-1.0 us, e.g. Llama-2-7B 48.7-49.1 against 49.2-49.3 us at the 40% target.
     The trigger sits at the end of the programs: at their start it was as fast at 40% but up to 4 us slower
     at Llama-3.1-8B's 20% target (the waiting down programs hold SM slots through the gate/up launch's tail).
     """
