@@ -500,13 +500,14 @@ if triton is not None:
 
     @triton.jit
     def _kept_down_kernel(h_ptr, w_ptr, idx_ptr, acc_ptr, ticket_ptr, out_ptr, B: tl.constexpr, N, n_r, n_keep,
-                          stride_hb,
-                          stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          K_PER_PROG: tl.constexpr, WAIT: tl.constexpr = False):
+                          stride_hb, stride_wk, stride_ob, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_N: tl.constexpr, K_PER_PROG: tl.constexpr, WAIT: tl.constexpr = False):
         """``h[:, used] @ w[used]`` over contiguous slice rows: used = 0..n_r (no index read), then
         ``idx[n_r:n_keep]`` (the chosen Candidates' rows). Split-K by (row chunk, column block), finished
         as in `gathered_down` (`_down_add`). With WAIT (a dependent launch), every program first waits
-        (griddepcontrol.wait) until the launch before it has completed and its writes are visible."""
+        (griddepcontrol.wait) until the launch before it has completed and its writes are visible. The token
+        count B is a compile-time constant (one compile per batch size): at one token the finish is one row of
+        atomics and stores, not BLOCK_B predicated rows."""
         if WAIT:
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
