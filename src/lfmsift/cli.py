@@ -573,6 +573,9 @@ def kv_eval(
                                    help="Comma-separated retrievers (lfmsift.kv registry)."),
     tasks: str = typer.Option("recall,needle", help="recall, needle (text models) and/or video (VLMs)."),
     sweep: bool = typer.Option(True, help="Also run each retriever over its budget knob (--no-sweep: defaults)."),
+    ablation: bool = typer.Option(False, help="Also run ReSV's ablation (lfmsift.eval.kv_eval.ABLATIONS)."),
+    device_tokens: int = typer.Option(512, min=0, help="Recent window kept on the device per layer, in tokens "
+                                                       "(the rest is offloaded; 0: unbounded)."),
     out: Path = typer.Option(Path("results/kv_eval.json"), help="JSON results (resumed); .md, .png next to it."),
     stream_tokens: int = typer.Option(4096, min=64, help="Recall: tokens streamed before the probes."),
     chunk_tokens: int = typer.Option(128, min=1, help="Text streams: tokens per chunk (one 'frame')."),
@@ -594,8 +597,8 @@ def kv_eval(
     try:
         names = [r.strip() for r in retrievers.split(",") if r.strip()]
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-        runs = plan(names, task_list, sweep)
-        config = KVEvalConfig(
+        runs = plan(names, task_list, sweep, ablation)
+        config = KVEvalConfig(device_tokens=device_tokens or None,
             stream_tokens=stream_tokens, chunk_tokens=chunk_tokens, probes=probes,
             needle_lengths=[int(x) for x in needle_lengths.split(",")],
             needle_depths=[float(x) for x in needle_depths.split(",")],
@@ -609,7 +612,8 @@ def kv_eval(
     console.print(f"{len(runs)} runs planned; results go to {out} (finished runs are kept and skipped)")
     try:
         doc = run_kv_eval(model_obj, processor, model, names, task_list, out, config, sweep, data_dir,
-                          _command_line(), progress=lambda i, n, key: console.print(f"[{i + 1}/{n}] {key}"))
+                          _command_line(), progress=lambda i, n, key: console.print(f"[{i + 1}/{n}] {key}"),
+                          ablation=ablation)
     except Exception as exc:
         _fail(exc)
     paths = write_reports(doc, out)

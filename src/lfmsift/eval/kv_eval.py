@@ -38,6 +38,17 @@ SWEEPS: dict[str, list[dict]] = {
     "quest": [{"budget": b} for b in (0.1, 0.25)],
     "streamingllm": [{"window": w} for w in (256, 512)],
 }
+# ReSV's readings the paper leaves open, one change from the defaults each (``--ablation``): the score
+# domain and the Sum <= 0 fallback, whether the chunk's own clusters enter WiCSum, which layer selects,
+# the always-kept sinks / recent window, hyperplanes and Hamming threshold (the paper's §VI-E).
+ABLATIONS: dict[str, list[dict]] = {
+    "resv": [{"nonpositive": "shifted"}, {"include_current": False},
+             {"nonpositive": "shifted", "include_current": False},
+             {"keep_first": 4}, {"keep_recent": 256}, {"keep_first": 4, "keep_recent": 256},
+             {"selection": "previous_layer"},
+             {"score_mode": "softmax", "ratio": 0.5}, {"score_mode": "softmax", "ratio": 0.7},
+             {"hash_bits": 16}, {"hash_bits": 64}, {"hamming_threshold": 4}, {"hamming_threshold": 10}],
+}
 
 
 @dataclass
@@ -59,6 +70,7 @@ class KVEvalConfig:
     questions: list[str] = field(default_factory=lambda: [
         "What is happening in the video?", "How many people can you see?", "Describe the place."])
     new_tokens: int = 24
+    device_tokens: int | None = 512  # the recent window each layer keeps on the device; None: unbounded
 
 
 def run_key(retriever: str, options: dict, task: str) -> str:
@@ -66,8 +78,10 @@ def run_key(retriever: str, options: dict, task: str) -> str:
     return f"{task}|{retriever}|{opts}"
 
 
-def plan(retrievers: list[str], tasks: list[str], sweep: bool) -> list[tuple[str, dict, str]]:
-    """(retriever, options, task) of every run, full first in each task (it sets the needle lengths)."""
+def plan(retrievers: list[str], tasks: list[str], sweep: bool, ablation: bool = False
+         ) -> list[tuple[str, dict, str]]:
+    """(retriever, options, task) of every run, full first in each task (it sets the needle lengths);
+    ``ablation`` adds each retriever's ``ABLATIONS`` (options on top of its defaults)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
@@ -78,7 +92,27 @@ def plan(retrievers: list[str], tasks: list[str], sweep: bool) -> list[tuple[str
             runs.append((name, dict(DEFAULTS.get(name, {})), task))
             if sweep:
                 runs.extend((name, dict(o), task) for o in SWEEPS.get(name, []))
+            if ablation:
+                runs.extend((name, {**DEFAULTS.get(name, {}), **o}, task) for o in ABLATIONS.get(name, []))
     return runs
+
+
+def device_budget(model, device_tokens: int | None):
+    """The ``TierBudget`` that keeps ``device_tokens`` tokens of every retrieved layer on the device."""
+    import torch
+
+    from lfmsift.kv.store import TierBudget
+    from lfmsift.models.adapters import describe
+
+    if device_tokens is None:
+        return None
+    if device_tokens < 1:
+        raise ValueError(f"device_tokens must be >= 1 or None, got {device_tokens}")
+    view = describe(model)
+    full = [layer.attention for layer in view.layers if layer.attention.sliding_window is None]
+    item = torch.empty((), dtype=next(view.language_model.parameters()).dtype).element_size()
+    token_bytes = 2 * full[0].num_kv_heads * full[0].head_dim * item
+    return TierBudget(device_bytes=device_tokens * token_bytes * len(full))
 
 
 def _summary(stats: dict) -> dict:
@@ -87,12 +121,13 @@ def _summary(stats: dict) -> dict:
         return {str(k): v.get("per_kv_head") for k, v in (stage.get("layers") or {}).items()}
 
     return {"frame_ratio": frame.get("retrieval_ratio"), "text_ratio": text.get("retrieval_ratio"),
+            "frame_fetched": frame.get("fetched_ratio"), "text_fetched": text.get("fetched_ratio"),
             "frame_layers": per_head(frame), "text_layers": per_head(text)}
 
 
 def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks: list[str], out: str | Path,
                 config: KVEvalConfig | None = None, sweep: bool = True, data_dir=None, command: str | None = None,
-                progress=None) -> dict:
+                progress=None, ablation: bool = False) -> dict:
     """Run every planned (retriever, options, task) not yet in ``out``; return the whole document."""
     from lfmsift.eval.data import load_text
     from lfmsift.eval.streaming_qa import needle_trials, recall_task, run_needle, run_recall
@@ -105,7 +140,11 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
         raise ValueError(f"{out} holds results for {doc.get('model')!r}, not {model_name!r}; use another --out")
     doc.setdefault("model", model_name)
     doc.setdefault("runs", {})
+    if "config" in doc and doc["runs"] and doc["config"].get("device_tokens") != config.device_tokens:
+        raise ValueError(f"{out} holds runs with device_tokens={doc['config'].get('device_tokens')}, not "
+                         f"{config.device_tokens}; use another --out")
     doc["config"] = {k: v for k, v in vars(config).items()}
+    budget = device_budget(model, config.device_tokens)
     commands = doc.setdefault("commands", [c for c in [doc.pop("command", None)] if c])
     if command and command not in commands:
         commands.append(command)
@@ -122,7 +161,7 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
 
-    runs = plan(retrievers, tasks, sweep)
+    runs = plan(retrievers, tasks, sweep, ablation)
     for i, (name, options, task) in enumerate(runs):
         key = run_key(name, options, task)
         if key in doc["runs"]:
@@ -134,14 +173,14 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
             if "recall" not in cache:
                 cache["recall"] = recall_task(tokenizer, text(), config.stream_tokens, config.chunk_tokens,
                                               config.probes, config.prompt_tokens, config.target_tokens)
-            result = run_recall(model, tokenizer, retriever, cache["recall"])
+            result = run_recall(model, tokenizer, retriever, cache["recall"], budget=budget)
             quality = {"ppl": result["ppl"], "per_probe_ppl": result["per_probe_ppl"]}
         elif task == "needle":
             lengths = doc.get("needle_lengths")
             if lengths is None:  # the full cache decides which lengths the model itself can do
                 trials = needle_trials(tokenizer, text(), config.needle_lengths, config.needle_depths,
                                        config.needle_seeds, config.chunk_tokens)
-                result = run_needle(model, tokenizer, get_retriever("full"), trials)
+                result = run_needle(model, tokenizer, get_retriever("full"), trials, budget=budget)
                 by_length = {n: [t["success"] for t in result["trials"] if t["length"] == n]
                              for n in config.needle_lengths}
                 doc["needle_full_by_length"] = {str(n): sum(v) / len(v) for n, v in by_length.items()}
@@ -150,7 +189,7 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
                 save()
             trials = needle_trials(tokenizer, text(), lengths, config.needle_depths, config.needle_seeds,
                                    config.chunk_tokens)
-            result = run_needle(model, tokenizer, retriever, trials)
+            result = run_needle(model, tokenizer, retriever, trials, budget=budget)
             quality = {"accuracy": result["accuracy"], "trials": result["trials"]}
         else:
             from lfmsift.eval.fidelity import stream_fidelity, stream_reference
@@ -166,9 +205,9 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
                 if not cache["frames"]:
                     raise ValueError(f"no frames decoded from {config.video}")
                 cache["reference"] = stream_reference(model, processor, cache["frames"], config.questions,
-                                                      config.new_tokens)
+                                                      config.new_tokens, budget=budget)
             result = stream_fidelity(model, processor, retriever, cache["frames"], config.questions,
-                                     cache["reference"])
+                                     cache["reference"], budget=budget)
             quality = {k: result[k] for k in ("kl", "kl_first", "top1", "tokens")}
         doc["runs"][key] = {"retriever": name, "options": options, "task": task, "quality": quality,
                             "default": options == DEFAULTS.get(name, {}), **_summary(result["stats"])}

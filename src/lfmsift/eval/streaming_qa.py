@@ -133,7 +133,7 @@ def run_needle(model, tokenizer, retriever: Retriever, trials: list[NeedleTrial]
     """Success rate of the trials; the stage retrieval ratios are averaged over them, the per-layer ones are
     the last trial's (the longest stream when lengths are given in increasing order)."""
     results = []
-    frame = text = 0.0
+    sums = {"frame": [0.0, 0.0], "text": [0.0, 0.0]}  # retrieval ratio, fetched ratio: summed over trials
     layers: dict = {}
     for trial in trials:
         with StreamingSession(model, tokenizer, retriever=retriever, budget=budget) as session:
@@ -142,12 +142,16 @@ def run_needle(model, tokenizer, retriever: Retriever, trials: list[NeedleTrial]
             answer = session.ask(trial.question, max_new_tokens=max_new_tokens, answer_prefix=trial.answer_prefix)
             stats = session.stats()
         ok = trial.answer in answer.text
+        ratios = {f"{stage}_{what}": stats[f"{stage}_stage"].get(f"{what}_ratio")
+                  for stage in sums for what in ("retrieval", "fetched")}
         results.append({"length": trial.length, "depth": trial.depth, "answer": trial.answer,
-                        "generated": answer.text, "success": ok, **trial.meta})
-        frame += stats["frame_stage"]["retrieval_ratio"] or 0.0
-        text += stats["text_stage"]["retrieval_ratio"] or 0.0
+                        "generated": answer.text, "success": ok, **trial.meta, **ratios})
+        for stage, acc in sums.items():
+            acc[0] += stats[f"{stage}_stage"]["retrieval_ratio"] or 0.0
+            acc[1] += stats[f"{stage}_stage"].get("fetched_ratio") or 0.0
         layers = stats["frame_stage"]["layers"]
     n = len(trials)
     return {"accuracy": sum(r["success"] for r in results) / n, "trials": results,
-            "stats": {"frame_stage": {"retrieval_ratio": frame / n, "layers": layers},
-                      "text_stage": {"retrieval_ratio": text / n}}}
+            "stats": {f"{stage}_stage": {"retrieval_ratio": acc[0] / n, "fetched_ratio": acc[1] / n,
+                                         **({"layers": layers} if stage == "frame" else {})}
+                      for stage, acc in sums.items()}}

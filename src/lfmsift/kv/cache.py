@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lfmsift.kv.retriever import LayerIndex, Retriever
-from lfmsift.kv.store import TierBudget, TieredKVStore
+from lfmsift.kv.store import DEVICE, TierBudget, TieredKVStore
 from lfmsift.models.adapters import ModelView, describe
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,32 @@ class _StreamLayer(CacheLayerMixin):
         return -1
 
 
+def always_kept(frame: torch.Tensor, first: int, recent: int) -> torch.Tensor:
+    """(past,) bool: the first ``first`` and the last ``recent`` of the past streamed tokens (``frame``
+    marks them among all past tokens), the tokens a retriever's ``keep_first`` / ``keep_recent`` keep."""
+    order = frame.cumsum(0) - 1  # index of each streamed token in the stream
+    count = int(frame.sum())
+    return frame & ((order < first) | (order >= count - recent))
+
+
 @dataclass
 class _Usage:
-    """Selected / available selectable (frame) tokens per layer and KV head, summed over chunks."""
+    """Per layer and KV head, summed over chunks: selected / available past streamed (frame) tokens, and
+    the same over the ones offloaded from the device (``fetched`` / ``offloaded``: what had to move)."""
 
     selected: torch.Tensor
     available: torch.Tensor
+    fetched: torch.Tensor = None
+    offloaded: torch.Tensor = None
     chunks: int = 0
     visited_sum: torch.Tensor | None = None
     visited_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fetched is None:
+            self.fetched = torch.zeros_like(self.selected)
+        if self.offloaded is None:
+            self.offloaded = torch.zeros_like(self.available)
 
     def ratio(self) -> torch.Tensor:
         return self.selected / self.available.clamp(min=1)
@@ -164,11 +181,15 @@ class StreamingKVCache(Cache):
         store, index = self.store[self._slot[layer]], self.indexes[layer]
         past = store.num_tokens
         tokens = k.shape[1]
+        early = self.retriever.selects_before_assign
+        if early:
+            chosen = self._choose(layer, index, q, store, past, self._hint(layer))
         if self.kind == FRAME:
             groups = index.assign(k)
         else:
             groups = torch.full((tokens,), self._text_group, dtype=torch.int64)
-        chosen = self._choose(layer, index, q, store, past, self._hint(layer))
+        if not early:
+            chosen = self._choose(layer, index, q, store, past, self._hint(layer))
         out = self._attention(q, k, v, scaling, store, chosen)
         closed = store.append(k, v, groups)
         frame_closed = [g for g in closed if g >= 0]
@@ -190,11 +211,19 @@ class StreamingKVCache(Cache):
                 self._pending[nxt] = self._tokens_from(index.select(q, self.kind, hint), past_groups, text)
         if keep is None:
             keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool)
-        frames = (~text).sum().item()
+        frame = ~text
+        frames = frame.sum().item()
+        if frames and (self.retriever.keep_first or self.retriever.keep_recent):
+            keep = keep | always_kept(frame, self.retriever.keep_first, self.retriever.keep_recent)
+        if past:
+            store.touch(past_groups[keep.any(0)])  # least recently *used* groups leave the device first
         usage = self.usage[self.kind][layer]
         if frames:
-            usage.selected += (keep & ~text).sum(1).to(torch.float64)
+            usage.selected += (keep & frame).sum(1).to(torch.float64)
             usage.available += frames
+            offloaded = frame & (store.tier.view[:past] != DEVICE)
+            usage.fetched += (keep & offloaded).sum(1).to(torch.float64)
+            usage.offloaded += offloaded.sum().item()
             usage.chunks += 1
             visited = index.visited_fraction()
             if visited is not None and self.retriever.selection == "same_layer":
@@ -282,7 +311,7 @@ class StreamingKVCache(Cache):
         out: dict = {"retriever": self.retriever.describe(), "tokens": self.seen}
         for stage in STAGES:
             per_layer = {}
-            sel = avail = 0.0
+            sel = avail = fetched = offloaded = 0.0
             for layer, u in self.usage[stage].items():
                 if u.chunks == 0:
                     continue
@@ -293,8 +322,11 @@ class StreamingKVCache(Cache):
                 per_layer[layer] = entry
                 sel += float(u.selected.sum())
                 avail += float(u.available.sum())
+                fetched += float(u.fetched.sum())
+                offloaded += float(u.offloaded.sum())
             out[f"{stage}_stage"] = {
                 "retrieval_ratio": sel / avail if avail else None,
+                "fetched_ratio": fetched / offloaded if offloaded else None,
                 "layers": per_layer,
             }
         kv_bytes = sum(s.num_tokens for s in self.store.layers) * self.store.layers[0].token_bytes \

@@ -10,7 +10,7 @@ import torch
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD, HashClusterTable
 from lfmsift.kv.hashing import DEFAULT_HASH_BITS, hash_bits, hyperplanes
 from lfmsift.kv.retriever import LayerIndex, Retriever, register
-from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, SCORE_MODES, select_clusters
+from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, NONPOSITIVE_RULES, SCORE_MODES, select_clusters
 
 
 class ReSVIndex(LayerIndex):
@@ -29,7 +29,7 @@ class ReSVIndex(LayerIndex):
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
             queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets,
-            self.config.score_mode,
+            self.config.score_mode, self.config.nonpositive,
         )
         return mask
 
@@ -60,7 +60,11 @@ class ReSV(Retriever):
     (default: that of the KV cache, so the HC-table / KV ratio compares like with like; the paper's 1.67%
     is bf16 for both); they are kept in fp32 for accuracy. ``score_mode``: what WiCSum weighs — ``raw``
     ``q . k_cluster`` (the paper's literal rule, our default), ``shifted`` (minus each row's minimum) or
-    ``softmax`` (attention mass); see ``lfmsift.kv.wicsum.transform_scores``.
+    ``softmax`` (attention mass); see ``lfmsift.kv.wicsum.transform_scores``. ``nonpositive``: what a
+    WiCSum row whose weighted sum is <= 0 takes (``top``: its top cluster; ``shifted``: the rule on that
+    row minus its minimum). ``include_current``: whether a chunk's own tokens are clustered before its
+    selection (``True``: they join the HC table first and its clusters enter WiCSum with the past ones,
+    though the chunk attends to itself anyway; ``False``: WiCSum sees the past clusters only).
     """
 
     name: ClassVar[str] = "resv"
@@ -71,15 +75,23 @@ class ReSV(Retriever):
     seed: int = 0
     key_bytes: int | None = None
     score_mode: str = "raw"
+    nonpositive: str = "top"
+    include_current: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if self.nonpositive not in NONPOSITIVE_RULES:
+            raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {self.nonpositive!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"WiCSum ratio must be in [0, 1), got {self.ratio}")
         if self.buckets is not None and self.buckets < 1:
             raise ValueError(f"buckets must be >= 1 or None, got {self.buckets}")
+
+    @property
+    def selects_before_assign(self) -> bool:
+        return not self.include_current
 
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
         return ReSVIndex(self, layer, num_kv_heads, head_dim, device)

@@ -52,15 +52,31 @@ class LayerIndex(ABC):
 class Retriever(ABC):
     """Base of all retrievers. ``selection``: which layer's queries choose the tokens of a layer —
     ``same_layer`` (exact) or ``previous_layer`` (V-Rex's prefetch: layer l's queries and index pick
-    the tokens that layer l + 1 fetches; layer 0 attends densely)."""
+    the tokens that layer l + 1 fetches; layer 0 attends densely).
+
+    ``keep_first`` / ``keep_recent``: streamed (selectable) tokens that every layer attends to whatever
+    the selection — the first ``keep_first`` of the stream (attention sinks, as StreamingLLM keeps them)
+    and the last ``keep_recent`` (a local window, as ReKV's ``n_local``). Both 0 by default: the rules
+    as their papers state them.
+    """
 
     name: ClassVar[str] = ""
     needs_hint: ClassVar[bool] = False
     selection: str = "same_layer"
+    keep_first: int = 0
+    keep_recent: int = 0
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+        if self.keep_first < 0 or self.keep_recent < 0:
+            raise ValueError(f"keep_first and keep_recent must be >= 0, got {self.keep_first}, {self.keep_recent}")
+
+    @property
+    def selects_before_assign(self) -> bool:
+        """Whether a chunk's selection is made before its own tokens enter the index (so the chunk's
+        clusters take no part of the selection's budget); ``False``: the index is updated first."""
+        return False
 
     @abstractmethod
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex: ...

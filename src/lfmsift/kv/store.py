@@ -71,6 +71,16 @@ def parse_bytes(text: str | int | None) -> int | None:
     return int(value * scale)
 
 
+@dataclass(frozen=True)
+class EvictionPlan:
+    """What one append will do (``LayerKVStore.plan``): groups closed, tokens spilled to disk, and the
+    chunk's tokens per group."""
+
+    evict: list[int]
+    spill: int
+    incoming: dict[int, int]
+
+
 class _Growable:
     """A 1-D int64 CPU array with amortized appends."""
 
@@ -177,11 +187,11 @@ class LayerKVStore:
         """
         n = keys.shape[1]
         groups = groups.to(torch.int64).cpu()
+        plan = self.plan(groups)  # raises before any state changes
         self._clock += 1
-        for g in torch.unique(groups).tolist():
+        for g in plan.incoming:
             self._last_use[g] = self._clock
-        evict, sizes = self._plan_eviction(n, set(torch.unique(groups).tolist()))
-        self._check_fits(evict, sizes)
+        evict = plan.evict
         first = self.num_tokens
         token_ids = torch.arange(first, first + n)
         dev_slot = self._dev_tokens.numel()
@@ -195,14 +205,43 @@ class LayerKVStore:
         self._note_peaks()
         return evict
 
+    def plan(self, groups: torch.Tensor) -> EvictionPlan:
+        """What appending a chunk whose tokens belong to ``groups`` would do, without doing it: the
+        groups closed (least recently used first; a group the chunk adds to counts its new tokens too,
+        since they leave with it), and the tokens that would spill from the host ring to disk. Raises
+        ``KVBudgetError`` when the chunk cannot fit."""
+        groups = groups.to(torch.int64).cpu()
+        ids, counts = torch.unique(groups, return_counts=True)
+        incoming = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        evict, size = self._plan_eviction(groups.numel(), incoming)
+        runs = [size.get(g, 0) + incoming.get(g, 0) for g in evict]
+        spill = self._simulate_spill([r for r in runs if r])
+        disk_cap = self.caps[DISK]
+        if disk_cap is not None and self._disk_tail + spill > disk_cap:
+            raise KVBudgetError(
+                f"offloading needs {(self._disk_tail + spill) * self.token_bytes} bytes per layer on disk, above the "
+                f"disk budget of {disk_cap * self.token_bytes} bytes per layer; raise disk_bytes or host_bytes"
+            )
+        return EvictionPlan(evict, spill, incoming)
+
+    def touch(self, groups: torch.Tensor | list[int]) -> None:
+        """Mark open ``groups`` as used now (a selection read them), so least-recently-used eviction keeps
+        the groups the retriever keeps choosing; closed or unknown groups are ignored."""
+        self._clock += 1
+        for g in torch.as_tensor(groups, dtype=torch.int64).unique().tolist():
+            if g in self._last_use:
+                self._last_use[g] = self._clock
+
     def _device_group_sizes(self) -> dict[int, int]:
         """Tokens each open group holds on the device."""
         ids, counts = torch.unique(self.group.view[self._dev_tokens], return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist(), strict=True))
 
-    def _plan_eviction(self, incoming: int, protected: set[int]) -> tuple[list[int], dict[int, int]]:
-        """Least recently used open groups to close so that the device holds ``incoming`` more tokens,
-        and the device token count of each open group (computed only when something must go)."""
+    def _plan_eviction(self, incoming: int, arriving: dict[int, int]) -> tuple[list[int], dict[int, int]]:
+        """Least recently used open groups to close so that the device holds ``incoming`` more tokens
+        (``arriving``: tokens of the chunk per group; those of a closed group leave with it), and the device
+        token count of each open group (computed only when something must go). The groups the chunk adds
+        to count as used now."""
         cap = self.caps[DEVICE]
         if cap is None:
             return [], {}
@@ -215,27 +254,17 @@ class LayerKVStore:
         if over <= 0:
             return [], {}
         size = self._device_group_sizes()
+        now = self._clock + 1
+        last = {g: (now if g in arriving else t) for g, t in self._last_use.items()}
         evict, freed = [], 0
-        for g in sorted(self._last_use, key=lambda g: (self._last_use[g], g)):
+        for g in sorted(last, key=lambda g: (last[g], g)):
             if freed >= over:
                 break
-            if g in protected and g not in size:
+            if g in arriving and g not in size:
                 continue  # a group only arriving now has nothing on the device yet
             evict.append(g)
-            freed += size.get(g, 0)
+            freed += size.get(g, 0) + arriving.get(g, 0)
         return evict, size
-
-    def _check_fits(self, evict: list[int], size: dict[int, int]) -> None:
-        """Simulate the host ring for the runs ``evict`` will write; fail before touching anything."""
-        if not evict:
-            return
-        spill = self._simulate_spill([size.get(g, 0) for g in evict if size.get(g, 0)])
-        disk_cap = self.caps[DISK]
-        if disk_cap is not None and self._disk_tail + spill > disk_cap:
-            raise KVBudgetError(
-                f"offloading needs {(self._disk_tail + spill) * self.token_bytes} bytes per layer on disk, above the "
-                f"disk budget of {disk_cap * self.token_bytes} bytes per layer; raise disk_bytes or host_bytes"
-            )
 
     def _simulate_spill(self, sizes: list[int]) -> int:
         """Tokens that writing runs of ``sizes`` to the host ring would spill to disk (no state change)."""
@@ -318,7 +347,7 @@ class LayerKVStore:
                                    dtype=self.dtype)
             self._disk = flat.view(2, self.num_kv_heads, slots, self.head_dim)
         if self._disk_tail + n > self._disk.shape[2]:
-            if cap is not None:  # _check_fits prevents this; keep the invariant loud
+            if cap is not None:  # plan() prevents this; keep the invariant loud
                 raise KVBudgetError("disk tier overflow")
             self._remap_disk(2 * (self._disk_tail + n))
         self._disk[:, :, self._disk_tail : self._disk_tail + n] = kv

@@ -26,6 +26,18 @@ def _check_ratio(ratio: float) -> None:
         raise ValueError(f"WiCSum ratio must be in [0, 1), got {ratio}")
 
 
+NONPOSITIVE_RULES = ("top", "shifted")
+
+
+def shift_nonpositive(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Scores with every row whose weighted sum is <= 0 replaced by itself minus its minimum (the
+    ``nonpositive="shifted"`` reading: such a row keeps its order and gets a positive sum); rows with a
+    positive sum are unchanged."""
+    s = scores.to(torch.float64)
+    total = (s * counts.to(s)).sum(-1, keepdim=True)
+    return torch.where(total > 0, s, s - s.amin(-1, keepdim=True))
+
+
 def wicsum_select(scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO) -> torch.Tensor:
     """Exact rule. scores: (..., clusters); counts: (clusters,). Returns a bool mask like ``scores``."""
     _check_ratio(ratio)
@@ -97,11 +109,14 @@ def select_clusters(
     ratio: float = DEFAULT_WICSUM_RATIO,
     buckets: int | None = None,
     score_mode: str = "raw",
+    nonpositive: str = "top",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clusters each KV head must fetch: WiCSum per query head and row, unioned over rows and the group.
 
     queries: (num_heads, rows, head_dim) post-RoPE; representatives: (num_kv_heads, clusters, head_dim);
     counts: (clusters,). ``buckets=None`` uses the exact rule, an int the bucketed early exit.
+    ``nonpositive``: what a row whose weighted sum is <= 0 takes — ``top``: its top cluster (the digest's
+    A6); ``shifted``: the rule applied to that row minus its minimum (``shift_nonpositive``).
     Returns ((num_kv_heads, clusters) bool, mean visited fraction per KV head or None).
     """
     heads, rows, dim = queries.shape
@@ -113,6 +128,10 @@ def select_clusters(
     grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(representatives.dtype)
     scores = grouped @ representatives.transpose(1, 2)  # (kv_heads, group * rows, clusters)
     scores = transform_scores(scores, score_mode, dim ** -0.5)
+    if nonpositive == "shifted":
+        scores = shift_nonpositive(scores, counts)
+    elif nonpositive != "top":
+        raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {nonpositive!r}")
     if buckets is None:
         mask, visited = wicsum_select(scores, counts, ratio), None
     else:
