@@ -7,14 +7,30 @@ import torch
 
 from lfmsift.kv.clusters import HashClusterTable
 from lfmsift.kv.hashing import hamming, hash_bits, hyperplanes, popcount
-from lfmsift.kv.wicsum import bucket_of, select_clusters, wicsum_bucketed, wicsum_select
+from lfmsift.kv.wicsum import bucket_of, select_clusters, wicsum_bucket_walk, wicsum_bucketed, wicsum_select
 
 
 def test_popcount_and_hamming_match_python():
-    x = torch.randint(0, 2**62, (500,))
-    y = torch.randint(0, 2**62, (500,))
-    assert popcount(x).tolist() == [bin(v).count("1") for v in x.tolist()]
-    assert hamming(x, y).tolist() == [(a ^ b).bit_count() for a, b in zip(x.tolist(), y.tolist())]
+    x = torch.randint(-2**63, 2**63 - 1, (500,))  # every 64-bit pattern, the sign bit included
+    y = torch.randint(-2**63, 2**63 - 1, (500,))
+    mask = (1 << 64) - 1
+    assert popcount(x).tolist() == [bin(v & mask).count("1") for v in x.tolist()]
+    assert hamming(x, y).tolist() == [((a ^ b) & mask).bit_count() for a, b in zip(x.tolist(), y.tolist())]
+
+
+def test_64_bit_hashes_cluster_by_their_true_distance():
+    planes = hyperplanes(8, bits=64, seed=0)
+    keys = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    h = hash_bits(keys, planes)
+    proj = keys @ planes
+    for t in range(40):
+        assert [(int(h[t]) >> j) & 1 for j in range(64)] == [int(proj[t, j] > 0) for j in range(64)]
+    table = HashClusterTable(num_kv_heads=1, head_dim=8, threshold=20)
+    ids = table.assign(keys[None], h)
+    bits = (proj > 0).int()
+    for t in range(1, 40):  # a token joins a cluster only if its founder is closer than the threshold
+        founder = int((ids[:t] == ids[t]).nonzero()[0]) if (ids[:t] == ids[t]).any() else t
+        assert int((bits[t] != bits[founder]).sum()) < 20 or founder == t
 
 
 def test_hash_bits_are_signs_of_projections_and_reproducible():
@@ -29,7 +45,7 @@ def test_hash_bits_are_signs_of_projections_and_reproducible():
         assert int(h[t]) == expected
     assert int(hash_bits(torch.zeros(1, 12), planes)) == 0  # x <= 0 -> 0
     with pytest.raises(ValueError):
-        hyperplanes(4, bits=63)
+        hyperplanes(4, bits=65)
 
 
 def test_leader_clustering_hand_case():
@@ -115,6 +131,18 @@ def test_bucketed_is_a_superset_and_equal_when_bounds_fall_between_scores():
     assert torch.allclose(visited, bucketed.double().mean(-1))
 
 
+@pytest.mark.parametrize("shift", [-0.5, 0.0, 0.5])
+def test_bucket_walk_equals_the_whole_histogram(shift):
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(300, 60, generator=gen, dtype=torch.float64) + shift  # some rows with Sum <= 0
+    counts = torch.randint(1, 30, (60,), generator=gen)
+    for ratio in (0.0, 0.3, 0.9):
+        for buckets in (1, 7, 20):
+            walk, seen_walk = wicsum_bucket_walk(scores, counts, ratio, buckets)
+            full, seen_full = wicsum_bucketed(scores, counts, ratio, buckets)
+            assert torch.equal(walk, full) and torch.allclose(seen_walk, seen_full)
+
+
 def test_bucketed_walk_hand_case():
     # The paper's Fig. 11 setting: scores 0..40, 20 buckets of width 2; exit once the sum passes 80%.
     scores = torch.tensor([[40.0, 39.0, 30.0, 29.0, 10.0, 1.0, 0.0]], dtype=torch.float64)
@@ -122,9 +150,10 @@ def test_bucketed_walk_hand_case():
     # weights 400, 195, 180, 87, 20, 1, 0 -> total 883, threshold 0.8 * 883 = 706.4.
     # Buckets from the top: [38,40] holds 40 and 39 (595); 36, 34, 32 are empty; (28,30] holds 30 and 29
     # (267, cumulative 862 > 706.4) -> exit at bucket 5 having visited four of seven scores.
-    mask, visited = wicsum_bucketed(scores, counts, 0.8, buckets=20)
-    assert mask.tolist() == [[True, True, True, True, False, False, False]]
-    assert visited.item() == pytest.approx(4 / 7)
+    for rule in (wicsum_bucketed, wicsum_bucket_walk):
+        mask, visited = rule(scores, counts, 0.8, buckets=20)
+        assert mask.tolist() == [[True, True, True, True, False, False, False]]
+        assert visited.item() == pytest.approx(4 / 7)
     assert wicsum_select(scores, counts, 0.8).tolist() == [[True, True, True, False, False, False, False]]
 
 

@@ -30,6 +30,17 @@ def test_rekv_block_logits_and_top_blocks():
     mask = index.select(q[:, None, :], "text")
     assert mask.tolist() == [[True, False, True]]                   # ceil(0.5 x 3) = 2 blocks
     assert ReKVIndex(ReKV(frame_retrieval=False), 1).select(q[:, None, :], "frame") is None
+    # A question (several rows) retrieves once; its decode steps (one row) keep that choice.
+    held = ReKVIndex(ReKV(fraction=0.3), 1)
+    held.assign(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]]))
+    held.assign(torch.tensor([[[0.0, 1.0]]]))
+    asked = held.select(torch.tensor([[[1.0, 0.0], [1.0, 0.1]]]), "text")
+    assert asked.tolist() == [[True, False]]
+    assert held.select(torch.tensor([[[0.0, 1.0]]]), "text") is asked
+    fresh = ReKVIndex(ReKV(fraction=0.3, once_per_question=False), 1)
+    fresh.representatives = list(held.representatives)
+    fresh.select(torch.tensor([[[1.0, 0.0], [1.0, 0.1]]]), "text")
+    assert fresh.select(torch.tensor([[[0.0, 1.0]]]), "text").tolist() == [[False, True]]
     split = ReKVIndex(ReKV(block_tokens=3), 1)
     assert split.assign(torch.zeros(1, 7, 2)).tolist() == [0, 0, 0, 1, 1, 1, 2]
 
@@ -50,6 +61,10 @@ def test_quest_pages_bounds_and_budget():
     mask = index.select(torch.tensor([[[1.0, 0.0]]]), "text")        # scores: max of dim 0 = 3, 5, 2
     assert mask.tolist() == [[True, True, False]]
     assert index.select(q, "frame") is None                          # dense while prefilling
+    assert index.select(torch.zeros(1, 2, 2), "text") is None        # and for any chunk of > 1 query row
+    by_tokens = QuestIndex(Quest(page_size=4, token_budget=8, min_pages=1), num_kv_heads=1, head_dim=2)
+    by_tokens.assign(torch.cat([keys, keys[:, :3]], 1))
+    assert by_tokens.pages_kept() == 2                               # min(9, 8) // 4 pages
 
 
 def test_streamingllm_sinks_and_window():

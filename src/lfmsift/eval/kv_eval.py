@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TASKS = ("recall", "needle", "video")
 # Defaults: ReSV as in the paper; fixed-budget methods at V-Rex's accuracy setting ("up to 50%").
 DEFAULTS: dict[str, dict] = {
-    "full": {}, "resv": {"ratio": 0.3}, "rekv": {"fraction": 0.5}, "infinigen": {"budget": 0.5},
+    "full": {}, "resv": {"ratio": 0.3}, "rekv": {"fraction": 0.5, "keep_recent": 256}, "infinigen": {"budget": 0.5},
     "infinigen_p": {"budget": 0.5}, "quest": {"budget": 0.5}, "streamingllm": {"window": 1024},
 }
 SWEEPS: dict[str, list[dict]] = {
@@ -32,7 +32,7 @@ SWEEPS: dict[str, list[dict]] = {
              # the score readings the paper leaves open (lfmsift.kv.wicsum.transform_scores)
              {"ratio": 0.1, "score_mode": "shifted"}, {"ratio": 0.3, "score_mode": "shifted"},
              {"ratio": 0.9, "score_mode": "softmax"}],
-    "rekv": [{"fraction": f} for f in (0.1, 0.25)],
+    "rekv": [{"fraction": f, "keep_recent": 256} for f in (0.1, 0.25)],
     "infinigen": [{"budget": b} for b in (0.1, 0.25)],
     "infinigen_p": [{"budget": b} for b in (0.1, 0.25)],
     "quest": [{"budget": b} for b in (0.1, 0.25)],
@@ -47,7 +47,8 @@ ABLATIONS: dict[str, list[dict]] = {
              {"keep_first": 4}, {"keep_recent": 256}, {"keep_first": 4, "keep_recent": 256},
              {"selection": "previous_layer"},
              {"score_mode": "softmax", "ratio": 0.5}, {"score_mode": "softmax", "ratio": 0.7},
-             {"hash_bits": 16}, {"hash_bits": 64}, {"hamming_threshold": 4}, {"hamming_threshold": 10}],
+             {"hash_bits": 16}, {"hash_bits": 64}, {"hamming_threshold": 4}, {"hamming_threshold": 10},
+             {"hamming_threshold": 0}, {"buckets": 20}],
 }
 
 

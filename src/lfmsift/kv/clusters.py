@@ -3,7 +3,8 @@
 Each new token is compared, by the Hamming distance of its hash bits, with the *open* clusters (those
 that still live in the device-resident recent window) and with the clusters founded earlier in the same
 chunk; it joins the nearest one when the distance is below ``threshold`` (7 of 32 bits in the paper),
-else it founds a new cluster. Ties go to the most recently founded cluster. A cluster keeps its
+else it founds a new cluster. ``threshold=0`` clusters nothing (every token its own cluster: the paper's
+"ReSV without clustering" of Fig. 19). Ties go to the most recently founded cluster. A cluster keeps its
 founder's hash (leader clustering, the digest's A4: the HCU only XORs and counts, it never re-hashes);
 its representative key is the running mean of its members' post-RoPE keys, per KV head. Closed
 clusters (offloaded to host or disk) are still scored but accept no new tokens.
@@ -18,6 +19,7 @@ import torch
 from lfmsift.kv.hashing import hamming
 
 DEFAULT_HAMMING_THRESHOLD = 7
+_BITS64 = (1 << 64) - 1
 
 
 def _grow(t: torch.Tensor, needed: int, dim: int = 0) -> torch.Tensor:
@@ -50,8 +52,8 @@ class HashClusterTable:
     _open: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.threshold:
-            raise ValueError(f"Hamming threshold must be >= 1, got {self.threshold}")
+        if not 0 <= self.threshold:
+            raise ValueError(f"Hamming threshold must be >= 0, got {self.threshold}")
         self._hashes = torch.zeros(0, dtype=torch.int64)
         self._reps = torch.zeros(self.num_kv_heads, 0, self.head_dim, dtype=torch.float32, device=self.device)
         self._counts = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -96,7 +98,7 @@ class HashClusterTable:
             best_id, best_d = -1, self.threshold
             # Most recent first so that ties keep the most recently founded cluster.
             for cid, ch in reversed(founded):
-                d = (h ^ ch).bit_count()
+                d = ((h ^ ch) & _BITS64).bit_count()  # hashes are 64-bit patterns (may be negative)
                 if d < best_d:
                     best_id, best_d = cid, d
             if old is not None:

@@ -4,7 +4,8 @@ A token's key hash is ``sign(k_flat @ P) > 0`` packed into one integer, where ``
 post-RoPE key with all KV heads concatenated (``num_kv_heads * head_dim`` values) and ``P`` holds ``bits``
 Gaussian hyperplanes drawn once per layer from a fixed seed. The paper uses 32 bits; the choice of
 Gaussian hyperplanes, one set per layer and concatenated KV heads is ours (the digest's A2/A3).
-Hashes are int64 tensors holding ``bits <= 62`` bits so XOR and popcount stay in plain integer ops.
+Hashes are int64 tensors holding up to 64 bits (bit 63 is the sign bit: the value is a bit pattern, and
+XOR and the SWAR popcount work on it unchanged), so XOR and popcount stay in plain integer ops.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_HASH_BITS = 32
-_MAX_BITS = 62
+_MAX_BITS = 64
 
 
 def hyperplanes(dim: int, bits: int = DEFAULT_HASH_BITS, seed: int = 0, layer: int = 0) -> torch.Tensor:
@@ -38,7 +39,8 @@ def hash_bits(keys: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
-    """Number of set bits of each non-negative int64 (< 2**62), by SWAR arithmetic (no lookup tables)."""
+    """Number of set bits of each int64 bit pattern (all 64 bits), by SWAR arithmetic (no lookup tables);
+    the masks drop the bits an arithmetic shift copies in from the sign."""
     x = x - ((x >> 1) & 0x5555555555555555)
     x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F

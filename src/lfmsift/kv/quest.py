@@ -4,7 +4,11 @@ Rules from the public code (digest §5.4): the cache is cut into pages of ``page
 (16); each page keeps the elementwise minimum and maximum of its keys; a query's page score is
 ``sum_d max(q_d * min_d, q_d * max_d)``, an upper bound of ``q . k`` over the page; the top
 ``max(min_pages, budget / page_size)`` pages are attended. Quest runs only while decoding: prefill (here
-the frame stage, unless ``prefill``) and the first ``dense_layers`` layers (2) attend densely.
+the frame stage, and any chunk of more than one query row: a question's prefill, as the reference's
+``q_len > 1`` branch; unless ``prefill``) and the first ``dense_layers`` layers (2) attend densely. The
+budget is ``token_budget`` tokens when given (the reference's ``--token_budget``: ``max(3, budget // 16)``
+pages), else ``budget`` as a fraction of the stored frame tokens. Follows ``evaluation/quest_attention.py``
+of mit-han-lab/Quest.
 
 With GQA, one selection per KV head: a page's score is the maximum over the query heads of the group and
 over the chunk's rows (the upper bound that any of them could reach). Pages fill with consecutive frame
@@ -64,12 +68,15 @@ class QuestIndex(LayerIndex):
 
     def pages_kept(self) -> int:
         pages = self.page_min.shape[1]
-        want = math.ceil(self.config.budget * self.tokens / self.config.page_size)
+        if self.config.token_budget is not None:  # the reference: max(3, token_budget // chunk_size)
+            want = min(self.tokens, self.config.token_budget) // self.config.page_size
+        else:
+            want = math.ceil(self.config.budget * self.tokens / self.config.page_size)
         return min(pages, max(self.config.min_pages, want))
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor | None:
-        if stage == "frame" and not self.config.prefill:
-            return None
+        if not self.config.prefill and (stage == "frame" or queries.shape[1] > 1):
+            return None  # the reference attends densely whenever q_len > 1
         pages = self.page_min.shape[1]
         mask = torch.zeros(self.num_kv_heads, pages, dtype=torch.bool)
         if pages:
@@ -89,6 +96,7 @@ class Quest(Retriever):
 
     name: ClassVar[str] = "quest"
     budget: float = 0.5
+    token_budget: int | None = None
     page_size: int = 16
     min_pages: int = 3
     dense_layers: int = 2
@@ -98,6 +106,8 @@ class Quest(Retriever):
         super().__post_init__()
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
+        if self.token_budget is not None and self.token_budget < 0:
+            raise ValueError(f"token_budget must be >= 0 or None, got {self.token_budget}")
         if self.page_size < 1 or self.min_pages < 0 or self.dense_layers < 0:
             raise ValueError("page_size must be >= 1, min_pages and dense_layers >= 0")
 

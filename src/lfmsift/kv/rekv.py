@@ -7,6 +7,12 @@ concatenated), the block logits are the inner products with the representatives,
 taken — one selection per layer, shared by all heads. V-Rex applies this at frame time as well as at
 question time (its Table II: 58.4% / 31.2%), which ``frame_retrieval`` (default on) follows.
 
+As in ReKV's question answering, a question (a text chunk of several query rows) retrieves once and its
+decode steps attend to the blocks it chose (``once_per_question``; ``False`` re-selects at every step).
+ReKV's always-attended ``n_init`` tokens are the session's text here, and its local window ``n_local`` is
+``keep_recent`` (the README's 15,000 tokens exceeds our streams; ``lfmsift kv-eval`` sets it to 256).
+Follows ``model/attention/kv_cache_manager.py`` and ``rekv_attention.py`` of Becomebright/ReKV.
+
 Differences from ReKV's code, kept the same for every retriever here: keys are stored after RoPE at their
 original positions (ReKV stores them before RoPE and re-assigns positions), and the current chunk always
 attends to itself. ``block_tokens`` splits a chunk into blocks (for text streams; a video frame is one
@@ -44,6 +50,7 @@ class ReKVIndex(LayerIndex):
         self.config = config
         self.num_kv_heads = num_kv_heads
         self.representatives: list[torch.Tensor] = []  # per block (kv_heads, dim), fp32
+        self._held: torch.Tensor | None = None  # the last question's selection, reused while decoding
 
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
         tokens = keys.shape[1]
@@ -63,10 +70,14 @@ class ReKVIndex(LayerIndex):
         blocks = len(self.representatives)
         if stage == "frame" and not self.config.frame_retrieval:
             return None
+        if stage == "text" and queries.shape[1] == 1 and self.config.once_per_question \
+                and self._held is not None and self._held.shape[1] == blocks:
+            return self._held  # a decode step: the blocks the question retrieved
         mask = torch.zeros(self.num_kv_heads, blocks, dtype=torch.bool)
         if blocks:
             logits = block_logits(queries.float().mean(1).cpu(), torch.stack(self.representatives))
             mask[:, top_blocks(logits, self.budget(blocks))] = True
+        self._held = mask if stage == "text" else None
         return mask
 
     def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
@@ -85,6 +96,7 @@ class ReKV(Retriever):
     fraction: float = 0.5
     block_tokens: int | None = None
     frame_retrieval: bool = True
+    once_per_question: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

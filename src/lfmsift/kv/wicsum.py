@@ -6,9 +6,10 @@ descending-score prefix whose weighted cumulative sum exceeds Th_i (Eq. 3). Rows
 (which the paper never discusses) select their top cluster (the digest's A6). Selections are
 unioned over rows and over the query heads of each KV group.
 
-Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and ``wicsum_bucketed``
-(the WTU's early exit: equal-width score buckets from the row's max down, all clusters of a bucket
-taken together). The bucketed one selects a superset of the exact one, equal when the exit bucket's
+Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and the WTU's early exit
+(equal-width score buckets from the row's max down, all clusters of a bucket taken together), itself in two
+forms: ``wicsum_bucket_walk`` walks the buckets from the top and stops once every row has exited (what
+``select_clusters`` runs), ``wicsum_bucketed`` builds the whole histogram (its oracle in the tests). The bucketed one selects a superset of the exact one, equal when the exit bucket's
 lower bound falls between the last selected score and the next; it reports how much of each row it
 visited (the paper reports 16% on average).
 """
@@ -84,6 +85,35 @@ def wicsum_bucketed(
     return mask, seen.to(torch.float64).mean(-1)
 
 
+def wicsum_bucket_walk(
+    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The WTU's walk: buckets from the top down, each row stopping at its exit bucket, the walk ending
+    when every row has exited (no histogram of the buckets below). The same result as
+    ``wicsum_bucketed``: (bool mask like ``scores``, fraction of each row visited)."""
+    _check_ratio(ratio)
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    s = scores.to(torch.float64)
+    w = s * counts.to(s)
+    total = w.sum(-1, keepdim=True)
+    b = bucket_of(s, buckets)
+    threshold = ratio * total
+    exit_bucket = torch.where(total > 0, torch.full_like(b[..., :1], -1), torch.zeros_like(b[..., :1]))
+    acc = torch.zeros_like(total)
+    for k in range(buckets):
+        active = exit_bucket < 0
+        if not bool(active.any()):
+            break
+        acc = acc + torch.where(active, torch.where(b == k, w, 0.0).sum(-1, keepdim=True), 0.0)
+        exit_bucket = torch.where(active & (acc > threshold), torch.full_like(exit_bucket, k), exit_bucket)
+    exit_bucket = exit_bucket.clamp(min=0)
+    visited = b <= exit_bucket
+    positive = total > 0
+    top = torch.zeros_like(visited).scatter(-1, s.argmax(-1, keepdim=True), True)
+    return torch.where(positive, visited, top), visited.to(torch.float64).mean(-1)
+
+
 SCORE_MODES = ("raw", "shifted", "softmax")
 
 
@@ -135,6 +165,6 @@ def select_clusters(
     if buckets is None:
         mask, visited = wicsum_select(scores, counts, ratio), None
     else:
-        mask, seen = wicsum_bucketed(scores, counts, ratio, buckets)
+        mask, seen = wicsum_bucket_walk(scores, counts, ratio, buckets)
         visited = seen.mean(-1)
     return mask.any(1), visited
