@@ -105,15 +105,19 @@ def test_wicsum_score_modes_keep_the_order():
 
 
 # -- in real streams --------------------------------------------------------------------------------------
-def _stream(model, retriever, chunks=20, chunk=16, text_from=16, seed=1):
+def _stream(model, retriever, chunks=20, chunk=16, text_from=16, seed=1, text_chunk=None):
+    """Frame chunks of ``chunk`` tokens, then text chunks of ``text_chunk`` (default ``chunk``) tokens."""
     ids = torch.randint(0, 250, (1, chunks * chunk), generator=torch.Generator().manual_seed(seed))
     cache = new_cache(model, retriever, TierBudget(device_bytes=20_000, host_bytes=10**6))
     try:
         with torch.no_grad():
+            pos = 0
             for i in range(chunks):
+                n = chunk if i < text_from or text_chunk is None else text_chunk
                 cache.begin("frame" if i < text_from else "text")
-                model(ids[:, i * chunk : (i + 1) * chunk], past_key_values=cache)
-                cache.end(chunk)
+                model(ids[:, pos : pos + n], past_key_values=cache)
+                cache.end(n)
+                pos += n
         return cache.stats()
     finally:
         uninstall(cache)
@@ -170,6 +174,10 @@ def test_quest_and_infinigen_keep_prefill_dense():
     model = tiny_model("gemma3_text", seed=0, dtype=torch.float32)
     assert _stream(model, Quest(budget=0.3))["frame_stage"]["retrieval_ratio"] == 1.0
     assert _stream(model, InfiniGen(budget=0.3, calibration_rows=16))["frame_stage"]["retrieval_ratio"] == 1.0
+    # A question (text chunk of many rows) is dense too; decode steps (one row each) select.
+    for retriever in (Quest(budget=0.3, dense_layers=0), InfiniGen(budget=0.3, calibration_rows=16)):
+        assert _stream(model, retriever)["text_stage"]["retrieval_ratio"] == 1.0
+        assert _stream(model, retriever, text_chunk=1)["text_stage"]["retrieval_ratio"] < 1.0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])

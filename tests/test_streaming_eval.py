@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lfmsift.eval import kv_eval
-from lfmsift.eval.streaming_qa import needle_trials, paragraphs, recall_task, run_needle, run_recall
+from lfmsift.eval.streaming_qa import (
+    multikey_trials, needle_trials, paragraphs, recall_task, run_multikey, run_needle, run_recall,
+)
 from lfmsift.kv import StreamingLLM, get_retriever
 
 
@@ -80,6 +82,33 @@ def test_needle_found_with_the_full_cache_and_lost_outside_the_window(smollm2, w
     assert run_needle(model, tok, get_retriever("full"), trials)["accuracy"] == 1.0
     lost = run_needle(model, tok, StreamingLLM(sinks=4, window=128), trials)
     assert lost["accuracy"] == 0.0 and lost["trials"][0]["answer"] not in lost["trials"][0]["generated"]
+
+
+def test_multikey_facts_are_planted_in_order_at_their_depths(smollm2, wikitext):
+    _, tok = smollm2
+    trials = multikey_trials(tok, wikitext, length=600, keys=3, seeds=[0, 1], chunk_tokens=100)
+    assert [t.facts for t in trials][0] != [t.facts for t in trials][1]
+    for t in trials:
+        ids = [x for c in t.chunks for x in c]
+        assert len(ids) == 600 and [d for _, _, d in t.facts] == pytest.approx([0.05, 0.5, 0.95])
+        found = []
+        for key, value, _ in t.facts:
+            fact = tok(f"\nThe special code for {key} is {value}.\n", add_special_tokens=False)["input_ids"]
+            found.append(next(i for i in range(len(ids)) if ids[i : i + len(fact)] == fact))
+        assert found == sorted(found) and found[0] < 60 and found[-1] > 480
+    with pytest.raises(ValueError, match="keys"):
+        multikey_trials(tok, wikitext, 600, keys=0, seeds=[0])
+
+
+@pytest.mark.real
+def test_multikey_found_with_the_full_cache_and_lost_outside_the_window(smollm2, wikitext):
+    model, tok = smollm2
+    trials = multikey_trials(tok, wikitext, length=512, keys=2, seeds=[0], chunk_tokens=128)
+    full = run_multikey(model, tok, get_retriever("full"), trials)
+    assert full["accuracy"] == 1.0 and len(full["items"]) == 2
+    lost = run_multikey(model, tok, StreamingLLM(sinks=4, window=64), trials)
+    early = next(r for r in lost["items"] if r["depth"] < 0.5)
+    assert not early["success"]  # the fact near the start left the window
 
 
 def test_plan_orders_full_first_and_rejects_unknowns():

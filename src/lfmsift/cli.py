@@ -571,7 +571,7 @@ def kv_eval(
     model: str = typer.Option("smollm2-135m", help="Named model, local HF directory or hub id."),
     retrievers: str = typer.Option("full,resv,rekv,infinigen,infinigen_p,quest,streamingllm",
                                    help="Comma-separated retrievers (lfmsift.kv registry)."),
-    tasks: str = typer.Option("recall,needle", help="recall, needle (text models) and/or video (VLMs)."),
+    tasks: str = typer.Option("recall,needle", help="recall, needle, multikey (text models) and/or video (VLMs)."),
     sweep: bool = typer.Option(True, help="Also run each retriever over its budget knob (--no-sweep: defaults)."),
     ablation: bool = typer.Option(False, help="Also run ReSV's ablation (lfmsift.eval.kv_eval.ABLATIONS)."),
     device_tokens: int = typer.Option(512, min=0, help="Recent window kept on the device per layer, in tokens "
@@ -583,6 +583,9 @@ def kv_eval(
     needle_lengths: str = typer.Option("1024,2048,4096", help="Needle: stream lengths tried with the full cache."),
     needle_depths: str = typer.Option("0.1,0.5,0.9", help="Needle: where the passcode is planted."),
     needle_seeds: str = typer.Option("0", help="Needle: one passcode and text stretch per seed."),
+    multikey_length: int = typer.Option(2048, min=64, help="Multi-key: tokens per stream."),
+    multikey_keys: int = typer.Option(4, min=1, help="Multi-key: facts (and questions) per stream."),
+    multikey_seeds: str = typer.Option("0,1,2", help="Multi-key: one stream per seed."),
     video: Optional[Path] = typer.Option(None, help="Video task: the video file (frames streamed one by one)."),
     frames: int = typer.Option(24, min=1, help="Video task: frames streamed."),
     fps: float = typer.Option(1.0, help="Video task: frames sampled per second."),
@@ -603,6 +606,8 @@ def kv_eval(
             needle_lengths=[int(x) for x in needle_lengths.split(",")],
             needle_depths=[float(x) for x in needle_depths.split(",")],
             needle_seeds=[int(x) for x in needle_seeds.split(",")],
+            multikey_length=multikey_length, multikey_keys=multikey_keys,
+            multikey_seeds=[int(x) for x in multikey_seeds.split(",")],
             video=str(video) if video else None, frames=frames, fps=fps, new_tokens=new_tokens)
         if "video" in task_list and (video is None or not video.is_file()):
             raise FileNotFoundError(f"the video task needs an existing --video file, got {video}")

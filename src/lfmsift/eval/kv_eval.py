@@ -20,7 +20,7 @@ from lfmsift.results import save_figure
 
 log = logging.getLogger(__name__)
 
-TASKS = ("recall", "needle", "video")
+TASKS = ("recall", "needle", "multikey", "video")
 # Defaults: ReSV as in the paper; fixed-budget methods at V-Rex's accuracy setting ("up to 50%").
 DEFAULTS: dict[str, dict] = {
     "full": {}, "resv": {"ratio": 0.3}, "rekv": {"fraction": 0.5, "keep_recent": 256}, "infinigen": {"budget": 0.5},
@@ -65,6 +65,9 @@ class KVEvalConfig:
     needle_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     needle_seeds: list[int] = field(default_factory=lambda: [0])  # one passcode and text stretch per seed
     needle_min_accuracy: float = 2 / 3
+    multikey_length: int = 2048
+    multikey_keys: int = 4
+    multikey_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     video: str | None = None
     frames: int = 24
     fps: float = 1.0
@@ -131,7 +134,9 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
                 progress=None, ablation: bool = False) -> dict:
     """Run every planned (retriever, options, task) not yet in ``out``; return the whole document."""
     from lfmsift.eval.data import load_text
-    from lfmsift.eval.streaming_qa import needle_trials, recall_task, run_needle, run_recall
+    from lfmsift.eval.streaming_qa import (
+        multikey_trials, needle_trials, recall_task, run_multikey, run_needle, run_recall,
+    )
     from lfmsift.results import environment
 
     config = config or KVEvalConfig()
@@ -192,6 +197,11 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
                                    config.chunk_tokens)
             result = run_needle(model, tokenizer, retriever, trials, budget=budget)
             quality = {"accuracy": result["accuracy"], "trials": result["trials"]}
+        elif task == "multikey":
+            trials = multikey_trials(tokenizer, text(), config.multikey_length, config.multikey_keys,
+                                     config.multikey_seeds, config.chunk_tokens)
+            result = run_multikey(model, tokenizer, retriever, trials, budget=budget)
+            quality = {"accuracy": result["accuracy"], "items": result["items"]}
         else:
             from lfmsift.eval.fidelity import stream_fidelity, stream_reference
             from lfmsift.stream.video import frames as read_frames
@@ -218,6 +228,7 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
 
 # -- reports ----------------------------------------------------------------------------------------------
 QUALITY = {"recall": ("ppl", "recall ppl", False), "needle": ("accuracy", "needle acc.", True),
+           "multikey": ("accuracy", "multi-key acc.", True),
            "video": ("kl", "video KL", False)}
 
 
@@ -242,7 +253,7 @@ def markdown_table(doc: dict) -> str:
                 row += ["-"] * (3 if t == "video" else 2)
                 continue
             q = r["quality"][QUALITY[t][0]]
-            row.append(f"{100 * q:.0f}%" if t == "needle" else f"{q:.3f}" if t == "video" else f"{q:.2f}")
+            row.append(f"{100 * q:.0f}%" if t in ("needle", "multikey") else f"{q:.3f}" if t == "video" else f"{q:.2f}")
             if t == "video":
                 row.append(f"{100 * r['quality']['top1']:.1f}%")
             row.append(f"{_pct(r['frame_ratio'])} / {_pct(r['text_ratio'])}")
@@ -300,7 +311,7 @@ def heatmap(doc: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    task_order = {t: i for i, t in enumerate(("video", "recall", "needle"))}
+    task_order = {t: i for i, t in enumerate(("video", "recall", "needle", "multikey"))}
     chosen: dict[str, tuple[dict, str]] = {}
     for r in sorted(doc["runs"].values(), key=lambda r: (task_order[r["task"]], str(sorted(r["options"].items())))):
         name = series(r)  # defaults, and ReSV under each other score reading (its smallest ratio)

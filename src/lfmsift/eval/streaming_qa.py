@@ -155,3 +155,79 @@ def run_needle(model, tokenizer, retriever: Retriever, trials: list[NeedleTrial]
             "stats": {f"{stage}_stage": {"retrieval_ratio": acc[0] / n, "fetched_ratio": acc[1] / n,
                                          **({"layers": layers} if stage == "frame" else {})}
                       for stage, acc in sums.items()}}
+
+
+# A small word list for the keys of the multi-key task (common, single-meaning, distinct tokens).
+KEY_WORDS = ("apple", "river", "candle", "violin", "garden", "rocket", "pencil", "harbor", "window", "tiger",
+             "mirror", "basket", "castle", "meadow", "lantern", "anchor")
+
+
+@dataclass
+class MultiKeyTrial:
+    """A RULER-style stream: several "The special code for KEY is NNNN." facts at several depths of real
+    text, then one question per key, asked one after another in the same session (follow-ups)."""
+
+    chunks: list[list[int]]
+    facts: list[tuple[str, str, float]]  # (key, value, depth)
+    length: int
+    meta: dict = field(default_factory=dict)
+
+
+def multikey_trials(tokenizer, text: str, length: int, keys: int, seeds: list[int],
+                    chunk_tokens: int = 256) -> list[MultiKeyTrial]:
+    """One trial per seed: ``keys`` facts spread evenly over depths 0.05-0.95 of ``length`` tokens of real
+    text (a different stretch, different keys and values per seed)."""
+    if not 1 <= keys <= len(KEY_WORDS):
+        raise ValueError(f"keys must be in 1..{len(KEY_WORDS)}, got {keys}")
+    filler = tokenizer(" ".join(paragraphs(text)), add_special_tokens=False)["input_ids"]
+    trials = []
+    for seed in seeds:
+        rng = random.Random(1000 + seed)
+        words = rng.sample(KEY_WORDS, keys)
+        values = [str(rng.randint(1000, 9999)) for _ in words]
+        depths = [0.05 + 0.9 * i / max(1, keys - 1) for i in range(keys)] if keys > 1 else [0.5]
+        facts = [tokenizer(f"\nThe special code for {w} is {v}.\n", add_special_tokens=False)["input_ids"]
+                 for w, v in zip(words, values)]
+        body = length - sum(len(f) for f in facts)
+        start = (seed * 104_729 + 17) % max(1, len(filler) - body)
+        base = filler[start : start + body]
+        if len(base) < body:
+            raise ValueError(f"the text is too short for a {length}-token stream")
+        ids, prev = [], 0
+        for fact, depth in zip(facts, depths):
+            at = int(depth * body)
+            ids += base[prev:at] + fact
+            prev = at
+        ids += base[prev:]
+        trials.append(MultiKeyTrial([ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)],
+                                    list(zip(words, values, depths)), length, {"seed": seed}))
+    return trials
+
+
+def run_multikey(model, tokenizer, retriever: Retriever, trials: list[MultiKeyTrial], max_new_tokens: int = 6,
+                 budget=None) -> dict:
+    """Per fact: does the greedy answer to "What is the special code for KEY?" contain its value. Facts are
+    asked in a shuffled order (fixed per trial), each answer staying in the cache for the next question."""
+    items = []
+    sums = {"frame": 0.0, "text": 0.0, "frame_fetched": 0.0, "text_fetched": 0.0}
+    for trial in trials:
+        order = list(range(len(trial.facts)))
+        random.Random(trial.meta.get("seed", 0)).shuffle(order)
+        with StreamingSession(model, tokenizer, retriever=retriever, budget=budget) as session:
+            for chunk in trial.chunks:
+                session.feed_tokens(chunk)
+            for asked, i in enumerate(order):
+                key, value, depth = trial.facts[i]
+                answer = session.ask(f"What is the special code for {key}?", max_new_tokens=max_new_tokens,
+                                     answer_prefix=f" The special code for {key} is")
+                items.append({"seed": trial.meta.get("seed"), "key": key, "value": value, "depth": depth,
+                              "asked": asked, "generated": answer.text, "success": value in answer.text})
+            stats = session.stats()
+        for stage in ("frame", "text"):
+            sums[stage] += stats[f"{stage}_stage"]["retrieval_ratio"] or 0.0
+            sums[f"{stage}_fetched"] += stats[f"{stage}_stage"].get("fetched_ratio") or 0.0
+    n = len(trials)
+    return {"accuracy": sum(r["success"] for r in items) / len(items), "items": items,
+            "stats": {"frame_stage": {"retrieval_ratio": sums["frame"] / n, "fetched_ratio": sums["frame_fetched"] / n,
+                                      "layers": stats["frame_stage"]["layers"]},
+                      "text_stage": {"retrieval_ratio": sums["text"] / n, "fetched_ratio": sums["text_fetched"] / n}}}

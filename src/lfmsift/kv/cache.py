@@ -345,6 +345,11 @@ class StreamingKVCache(Cache):
                 "hc_table_bytes": hc,
                 "hc_table_vs_kv": hc / kv_bytes if kv_bytes else 0.0,
             })
+            shares = [s["nonpositive_rows"] for s in index.values() if s.get("nonpositive_rows")]
+            out["index"]["nonpositive_rows"] = {
+                stage: sum(x[stage] for x in shares if stage in x) / max(1, sum(stage in x for x in shares))
+                for stage in STAGES if any(stage in x for x in shares)
+            }
         out["store"] = self.store.stats()
         out["store"]["kv_bytes"] = kv_bytes
         out["store"]["window_bytes"] = sum(

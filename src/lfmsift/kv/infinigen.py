@@ -15,7 +15,8 @@ Readings of ours (the paper's code is for decode and MHA): the skew and the colu
 prefill; selection is dense until then); with GQA the skew is per KV head from its query heads' rows, and a
 token's speculative logit is its maximum over the group's query heads and over the chunk's rows (a frame's
 rows for InfiniGenP). InfiniGen selects only while generating (frame stage dense), InfiniGenP in both
-stages. The speculative queries come from the cache (``needs_hint``); layer 0 attends densely.
+stages; InfiniGen's question prefill (several query rows) is dense, as the reference's prefill is. The
+speculative queries come from the cache (``needs_hint``); layer 0 attends densely.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class InfiniGenIndex(LayerIndex):
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.skew is None:
             self._calibrate(queries)
-        if hint is None or self.skew is None or (stage == "frame" and not self.config.prefill):
-            return None
+        if hint is None or self.skew is None or (not self.config.prefill and (stage == "frame" or hint.shape[1] > 1)):
+            return None  # InfiniGen speculates only while decoding: any multi-row prefill is dense
         heads, rows, dim = hint.shape
         q = hint.float().cpu().reshape(self.num_kv_heads, heads // self.num_kv_heads * rows, dim)
         q_partial = torch.gather(torch.einsum("hrd,hde->hre", q, self.skew), 2,

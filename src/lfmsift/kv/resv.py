@@ -21,6 +21,7 @@ class ReSVIndex(LayerIndex):
         self.planes = hyperplanes(num_kv_heads * head_dim, config.hash_bits, config.seed, layer).to(device)
         self.table = HashClusterTable(num_kv_heads, head_dim, config.hamming_threshold, device)
         self._visited: torch.Tensor | None = None
+        self._rows: dict[str, dict] = {}  # per stage: WiCSum rows scored, and those with a sum <= 0
 
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
         flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)  # per token, KV heads concatenated
@@ -29,7 +30,7 @@ class ReSVIndex(LayerIndex):
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
             queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets,
-            self.config.score_mode, self.config.nonpositive,
+            self.config.score_mode, self.config.nonpositive, self._rows.setdefault(stage, {}),
         )
         return mask
 
@@ -46,6 +47,8 @@ class ReSVIndex(LayerIndex):
             "clusters": size,
             "tokens_per_cluster": num_tokens / size if size else 0.0,
             "hc_table_bytes": self.table.nbytes(num_tokens, key_bytes),
+            # the share of WiCSum rows whose weighted sum was <= 0 (they take the ``nonpositive`` rule)
+            "nonpositive_rows": {stage: r["nonpositive"] / r["rows"] for stage, r in self._rows.items() if r.get("rows")},
         }
 
 

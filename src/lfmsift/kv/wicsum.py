@@ -140,6 +140,7 @@ def select_clusters(
     buckets: int | None = None,
     score_mode: str = "raw",
     nonpositive: str = "top",
+    report: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clusters each KV head must fetch: WiCSum per query head and row, unioned over rows and the group.
 
@@ -147,6 +148,8 @@ def select_clusters(
     counts: (clusters,). ``buckets=None`` uses the exact rule, an int the bucketed early exit.
     ``nonpositive``: what a row whose weighted sum is <= 0 takes — ``top``: its top cluster (the digest's
     A6); ``shifted``: the rule applied to that row minus its minimum (``shift_nonpositive``).
+    ``report``: when given, gets ``rows`` (query rows x query heads scored) and ``nonpositive`` (how many of
+    them had a weighted sum <= 0), added to what it holds.
     Returns ((num_kv_heads, clusters) bool, mean visited fraction per KV head or None).
     """
     heads, rows, dim = queries.shape
@@ -158,6 +161,10 @@ def select_clusters(
     grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(representatives.dtype)
     scores = grouped @ representatives.transpose(1, 2)  # (kv_heads, group * rows, clusters)
     scores = transform_scores(scores, score_mode, dim ** -0.5)
+    if report is not None:
+        total = (scores.to(torch.float64) * counts.to(torch.float64)).sum(-1)
+        report["rows"] = report.get("rows", 0) + total.numel()
+        report["nonpositive"] = report.get("nonpositive", 0) + int((total <= 0).sum())
     if nonpositive == "shifted":
         scores = shift_nonpositive(scores, counts)
     elif nonpositive != "top":
