@@ -180,6 +180,22 @@ def test_quest_and_infinigen_keep_prefill_dense():
         assert _stream(model, retriever, text_chunk=1)["text_stage"]["retrieval_ratio"] < 1.0
 
 
+def test_infinigen_offline_calibration_fixes_the_skew_before_the_stream():
+    model = tiny_model("llama", seed=0, dtype=torch.float32)
+    retriever = InfiniGen(budget=0.3, calibration_rows=10**6)  # never calibrates on the stream itself
+    assert _stream(model, retriever, text_chunk=1)["text_stage"]["retrieval_ratio"] == 1.0
+    words = " ".join(f"w{i}" for i in range(200))
+    tokenizer = lambda text, add_special_tokens=False: {"input_ids": [hash(w) % 250 for w in text.split()]}  # noqa: E731
+    retriever.calibrate(model, tokenizer, words, tokens=64)
+    heads = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, (skew, cols) in retriever._calibration.items():
+        # the skew is the right singular basis of the layer's 64 query rows per KV head: orthogonal
+        assert torch.allclose(skew[0] @ skew[0].T, torch.eye(skew.shape[-1]), atol=1e-4)
+        assert cols.shape[-1] == math.ceil(0.2 * skew.shape[-1]) and heads >= 1
+    assert len(retriever._calibration) == model.config.num_hidden_layers
+    assert _stream(model, retriever, text_chunk=1)["text_stage"]["retrieval_ratio"] < 1.0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_speculative_queries_match_the_model_own(arch):
     """Fed a layer's own attention input, the speculation path reproduces that layer's queries exactly

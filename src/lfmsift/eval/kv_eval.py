@@ -175,6 +175,8 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
         if progress:
             progress(i, len(runs), key)
         retriever = get_retriever(name, **options)
+        if hasattr(retriever, "calibrate"):  # InfiniGen's offline skew, on text the streams never use
+            retriever.calibrate(model, tokenizer, load_text("ptb", data_dir=data_dir))
         if task == "recall":
             if "recall" not in cache:
                 cache["recall"] = recall_task(tokenizer, text(), config.stream_tokens, config.chunk_tokens,

@@ -10,9 +10,10 @@ Rules from the public code (digest §5.4):
   logit exceeds ``max - alpha`` (alpha 5, the Llama accuracy code); the count is averaged over heads, capped
   at ``budget`` x the tokens, and each head takes its top-``count`` tokens.
 
-Readings of ours (the paper's code is for decode and MHA): the skew and the columns come from the first
-``calibration_rows`` query rows the layer sees in the stream (the speedup code also picks columns at
-prefill; selection is dense until then); with GQA the skew is per KV head from its query heads' rows, and a
+Readings of ours (the paper's code is for decode and MHA): the skew and the columns come from an offline
+pass over calibration text (``calibrate``, as the reference's skewing and partial-weight generation run
+before serving; ``lfmsift kv-eval`` calibrates on PTB), else from the first ``calibration_rows`` query rows
+the layer sees in the stream (the speedup code also picks columns at prefill; selection is dense until then); with GQA the skew is per KV head from its query heads' rows, and a
 token's speculative logit is its maximum over the group's query heads and over the chunk's rows (a frame's
 rows for InfiniGenP). InfiniGen selects only while generating (frame stage dense), InfiniGenP in both
 stages; InfiniGen's question prefill (several query rows) is dense, as the reference's prefill is. The
@@ -27,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from lfmsift.kv.retriever import LayerIndex, Retriever, register
+from lfmsift.kv.retriever import LayerIndex, Retriever, _ChunkIndex, register
 
 
 def skew_and_columns(queries: torch.Tensor, partial_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,14 +54,17 @@ def speculative_count(logits: torch.Tensor, alpha: float, cap: int) -> int:
 class InfiniGenIndex(LayerIndex):
     """Per layer: the skew, its columns and the partial key cache (one group per streamed token)."""
 
-    def __init__(self, config: InfiniGen, num_kv_heads: int, head_dim: int, scaling: float) -> None:
+    def __init__(self, config: InfiniGen, num_kv_heads: int, head_dim: int, scaling: float,
+                 calibrated: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.config = config
         self.num_kv_heads, self.head_dim, self.scaling = num_kv_heads, head_dim, scaling
         self.samples: list[torch.Tensor] = []       # query rows per KV head, until the skew is fixed
         self.pending: list[torch.Tensor] = []       # raw keys written before the skew is fixed
         self.skew: torch.Tensor | None = None       # (kv_heads, dim, dim)
         self.columns: torch.Tensor | None = None    # (kv_heads, cols)
-        self.partial = torch.zeros(num_kv_heads, 0, 0)
+        if calibrated is not None:                  # offline: fixed before the stream starts
+            self.skew, self.columns = calibrated
+        self.partial = torch.zeros(num_kv_heads, 0, len(self.columns[0]) if calibrated is not None else 0)
         self.tokens = 0
 
     def _project(self, keys: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,61 @@ class InfiniGen(Retriever):
         if self.alpha <= 0 or self.calibration_rows < 1:
             raise ValueError("alpha must be > 0 and calibration_rows >= 1")
 
+    def _calibration_table(self) -> dict:
+        if not hasattr(self, "_calibration"):
+            self._calibration: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        return self._calibration
+
+    def calibrate(self, model, tokenizer, text: str, tokens: int = 512) -> None:
+        """Offline skew and partial columns, as the reference computes them before serving: the post-RoPE
+        queries of every layer over ``tokens`` tokens of ``text`` (one dense forward through a streaming
+        session), grouped per KV head. Indexes made afterwards start with them instead of calibrating on the
+        stream's first ``calibration_rows`` rows."""
+        from lfmsift.stream.session import StreamingSession
+
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+        if len(ids) < 2:
+            raise ValueError("the calibration text is too short")
+        collector = _QueryCollector()
+        with StreamingSession(model, tokenizer, retriever=collector, chat=False) as session:
+            session.feed_tokens(ids)
+        table = self._calibration_table()
+        table.clear()
+        for layer, queries in collector.queries.items():
+            heads, rows, dim = queries.shape
+            kv_heads = collector.kv_heads[layer]
+            grouped = queries.float().cpu().reshape(kv_heads, heads // kv_heads * rows, dim)
+            pairs = [skew_and_columns(grouped[h], self.partial_ratio) for h in range(kv_heads)]
+            table[layer] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
-        return InfiniGenIndex(self, num_kv_heads, head_dim, head_dim ** -0.5)
+        return InfiniGenIndex(self, num_kv_heads, head_dim, head_dim ** -0.5,
+                              self._calibration_table().get(layer))
+
+
+class _QueryIndex(_ChunkIndex):
+    def __init__(self, owner: _QueryCollector, layer: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.owner, self.layer = owner, layer
+        owner.kv_heads[layer] = num_kv_heads
+
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> None:
+        self.owner.queries[self.layer] = queries.detach()
+        return None
+
+
+class _QueryCollector(Retriever):
+    """Dense attention that keeps each layer's last post-RoPE queries (InfiniGen's offline calibration)."""
+
+    name: ClassVar[str] = "_queries"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: dict[int, torch.Tensor] = {}
+        self.kv_heads: dict[int, int] = {}
+
+    def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
+        return _QueryIndex(self, layer, num_kv_heads)
 
 
 @register
