@@ -1,0 +1,1 @@
+"""GPU kernels of the streaming path (Triton, with PyTorch fallbacks that run everywhere)."""

@@ -1,0 +1,98 @@
+"""Gather selected KV tokens of one layer from a host tier into a device buffer, in one launch.
+
+An offloaded KV tier is laid out (2, kv_heads, slots, head_dim): K and V planes, each KV head's slots
+contiguous, so a selected cluster is one run of consecutive slots. On CUDA, ``gather_tokens`` reads the
+selected slots of every KV head straight from pinned host memory (mapped into the GPU's address space:
+Triton loads from it over PCIe) and writes them packed into a preallocated device buffer: no per-run copy
+call, no host-side ``index_select``, no pageable staging copy, and no host synchronisation (the selection
+stays on the device as a slot list per head with a count). Consecutive slots are consecutive addresses, so
+a block of tokens of one run is one contiguous read. ``gather_tokens_reference`` is the same gather by
+``index_select`` (the oracle in the tests, and the path on CPU).
+
+Layout of a selection: ``slots`` (kv_heads, capacity) int64, the first ``counts[h]`` entries of row h the
+slots head h needs (any order; sorted slots read in address order); entries past the count are ignored.
+The output is (2, kv_heads, capacity, head_dim); row h's first ``counts[h]`` tokens are the gathered ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU machines and CI run the PyTorch path
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the installation
+    triton = None
+
+BLOCK_TOKENS = 16
+
+
+def available(source: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the Triton gather can run: a CUDA output and a CUDA or pinned host source."""
+    return triton is not None and out.is_cuda and (source.is_cuda or source.is_pinned())
+
+
+def _check(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
+    if source.ndim != 4 or source.shape[0] != 2:
+        raise ValueError(f"source must be (2, kv_heads, slots, head_dim), got {tuple(source.shape)}")
+    _, heads, _, dim = source.shape
+    if slots.ndim != 2 or slots.shape[0] != heads or counts.shape != (heads,):
+        raise ValueError(f"slots must be ({heads}, capacity) and counts ({heads},), got "
+                         f"{tuple(slots.shape)} and {tuple(counts.shape)}")
+    if out.shape != (2, heads, slots.shape[1], dim) or out.dtype != source.dtype:
+        raise ValueError(f"out must be (2, {heads}, {slots.shape[1]}, {dim}) of {source.dtype}, got "
+                         f"{tuple(out.shape)} of {out.dtype}")
+    if not source.is_contiguous() or not out.is_contiguous():
+        raise ValueError("source and out must be contiguous")
+
+
+def gather_tokens_reference(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor,
+                            out: torch.Tensor) -> torch.Tensor:
+    """``out[:, h, :counts[h]] = source[:, h, slots[h, :counts[h]]]`` by ``index_select`` (reads counts)."""
+    _check(source, slots, counts, out)
+    for h, n in enumerate(counts.tolist()):
+        picked = source[:, h].index_select(1, slots[h, :n].to(source.device))
+        out[:, h, :n].copy_(picked, non_blocking=True)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_kernel(src, slots, counts, out, src_slots, capacity,
+                       HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        plane = tl.program_id(2)  # 0: K, 1: V
+        n = tl.load(counts + head)
+        start = block * BLOCK_T
+        if start < n:
+            rows = start + tl.arange(0, BLOCK_T)
+            valid = rows < n
+            slot = tl.load(slots + head.to(tl.int64) * capacity + rows, mask=valid, other=0)
+            cols = tl.arange(0, DIM)
+            base = (plane * HEADS + head).to(tl.int64)
+            values = tl.load(src + (base * src_slots + slot)[:, None] * DIM + cols[None, :],
+                             mask=valid[:, None], other=0.0)
+            tl.store(out + (base * capacity + rows.to(tl.int64))[:, None] * DIM + cols[None, :], values,
+                     mask=valid[:, None])
+
+
+def gather_tokens(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, out: torch.Tensor,
+                  block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
+    """Gather the selected slots of every KV head into ``out`` (see the module docstring).
+
+    ``source``: a pinned host (or device) tier; ``slots``, ``counts``, ``out``: on the GPU. One launch over
+    (capacity / block_tokens, kv_heads, K/V); programs past a head's count return at once. Falls back to
+    ``gather_tokens_reference`` where Triton cannot run."""
+    _check(source, slots, counts, out)
+    if not available(source, out):
+        return gather_tokens_reference(source, slots, counts, out)
+    _, heads, src_slots, dim = source.shape
+    if dim & (dim - 1):
+        raise ValueError(f"head_dim must be a power of two for the Triton gather, got {dim}")
+    capacity = slots.shape[1]
+    grid = (triton.cdiv(max(capacity, 1), block_tokens), heads, 2)
+    _gather_kernel[grid](source, slots, counts.to(torch.int32), out, src_slots, capacity,
+                         HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
+    return out
