@@ -61,13 +61,18 @@ def key_statistics(keys: torch.Tensor, frame: torch.Tensor, period: int, bits: i
     dist = hamming(h[a], h[b]).double()
     corr = torch.corrcoef(torch.stack([dist, cosine.double()]))[0, 1]
     centered = torch.nn.functional.normalize(k - k.mean(0), dim=-1)
+    hc = hash_bits(k - k.mean(0), planes)  # hashing the keys minus their mean (ReSV's ``center_keys``)
+    dist_c = hamming(hc[a], hc[b]).double()
+    cos_c = (centered[a] * centered[b]).sum(-1).double()
     return {
         "tokens": int(k.shape[0]),
         "adjacent_cosine_mean": float(adjacent.mean()),
         "random_cosine_mean": float(cosine.mean()),
         "hamming_cosine_correlation": float(corr),
         "mean_hamming_distance": float(dist.mean()),
-        "random_cosine_mean_centered": float((centered[a] * centered[b]).sum(-1).mean()),
+        "random_cosine_mean_centered": float(cos_c.mean()),
+        "hamming_cosine_correlation_centered": float(torch.corrcoef(torch.stack([dist_c, cos_c]))[0, 1]),
+        "mean_hamming_distance_centered": float(dist_c.mean()),
     }
 
 
@@ -122,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
            "nonpositive_rows_all_layers": stats["index"].get("nonpositive_rows"),
            "retrieval_ratio": {s: stats[f"{s}_stage"]["retrieval_ratio"] for s in ("frame", "text")},
            "rows": rows, "environment": environment()}
-    print(f"{'layer':>5} {'adj cos':>8} {'rand cos':>8} {'centered':>8} {'corr(H,cos)':>11} {'clusters':>8} "
-          f"{'tok/cl':>6} {'Sum<=0 frame':>12} {'Sum<=0 text':>11}")
+    print(f"{'layer':>5} {'adj cos':>8} {'rand cos':>8} {'centered':>8} {'corr(H,cos)':>11} {'centered':>8} "
+          f"{'mean H':>6} {'centered':>8} {'clusters':>8} {'tok/cl':>6} {'Sum<=0 frame':>12} {'Sum<=0 text':>11}")
     for r in rows:
         npos = r["nonpositive_rows"] or {}
         print(f"{r['layer']:>5} {r['adjacent_cosine_mean']:>8.3f} {r['random_cosine_mean']:>8.3f} "
               f"{r['random_cosine_mean_centered']:>8.3f} {r['hamming_cosine_correlation']:>11.3f} "
+              f"{r['hamming_cosine_correlation_centered']:>8.3f} {r['mean_hamming_distance']:>6.1f} "
+              f"{r['mean_hamming_distance_centered']:>8.1f} "
               f"{r['clusters']:>8} {r['tokens_per_cluster']:>6.1f} {npos.get('frame', float('nan')):>12.3f} "
               f"{npos.get('text', float('nan')):>11.3f}")
     print("WiCSum rows with Sum <= 0, all layers:", doc["nonpositive_rows_all_layers"])

@@ -166,3 +166,30 @@ def test_select_clusters_unions_rows_and_query_heads_of_a_group():
     q[3, :, 3] = 1.0
     mask, _ = select_clusters(q, reps, counts, ratio=0.3)
     assert mask.tolist() == [[True, True, False, False], [False, False, False, True]]
+
+
+def test_center_keys_hashes_each_key_minus_the_running_mean():
+    from lfmsift.kv import ReSV
+
+    index = ReSV(center_keys=True).index(layer=2, num_kv_heads=2, head_dim=4, device=torch.device("cpu"))
+    plain = ReSV().index(layer=2, num_kv_heads=2, head_dim=4, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, n, 4, generator=gen) + 3.0 for n in (5, 3)]  # a shared offset, as real keys have
+    seen = []
+    for keys in chunks:
+        flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)
+        seen.append(flat)
+        mean = torch.cat(seen).mean(0)
+        want = hash_bits(flat - mean, index.planes)
+        founders_before = index.table.size
+        ids = index.assign(keys)
+        new = ids >= founders_before
+        # founders keep the hash of their own centered key
+        first = {int(c): t for t, c in reversed(list(enumerate(ids.tolist())))}
+        for c, t in first.items():
+            if c >= founders_before:
+                assert int(index.table.hashes[c]) == int(want[t])
+        plain.assign(keys)
+        assert new.any()
+    # the offset makes raw hashes agree far more than centered ones: fewer, larger clusters
+    assert plain.table.size < index.table.size

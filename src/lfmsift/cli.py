@@ -340,11 +340,13 @@ def stream(
     ask: list[str] = typer.Option([], "--ask", help="Question asked after the stream (repeat for follow-ups)."),
     model: str = typer.Option("smolvlm-smollm2-135m",
                               help="Named model, local HF directory or hub id (a VLM for video, any LM for text)."),
-    retriever: str = typer.Option("resv", help="KV retriever: full, resv, rekv, infinigen, infinigen_p, quest or "
-                                               "streamingllm (their defaults; --ratio / --buckets set ReSV's)."),
+    retriever: str = typer.Option("resv", help="KV retriever (lfmsift.kv registry: full, resv, ... ; their "
+                                               "defaults; --ratio / --buckets set ReSV's and its variants')."),
     selection: str = typer.Option("same_layer", help="same_layer or previous_layer (V-Rex's prefetch)."),
-    ratio: float = typer.Option(0.3, help="ReSV WiCSum ratio."),
+    ratio: Optional[float] = typer.Option(None, help="ReSV WiCSum ratio (default: the retriever's)."),
     buckets: Optional[int] = typer.Option(None, help="ReSV: bucketed early-exit WiCSum with this many buckets."),
+    keep_first: int = typer.Option(0, min=0, help="Streamed tokens at the start every layer always attends to."),
+    keep_recent: int = typer.Option(0, min=0, help="Most recent streamed tokens every layer always attends to."),
     fps: float = typer.Option(2.0, help="Frames sampled per second of video."),
     max_frames: Optional[int] = typer.Option(None, min=1, help="Stop after this many frames."),
     chunk_tokens: int = typer.Option(256, min=1, help="Text streams: tokens per chunk."),
@@ -367,9 +369,9 @@ def stream(
     from lfmsift.stream import StreamingSession, frames
 
     try:
-        options = {"selection": selection}
-        if retriever == "resv":
-            options.update(ratio=ratio, buckets=buckets)
+        options = {"selection": selection, "keep_first": keep_first, "keep_recent": keep_recent}
+        if retriever.startswith("resv"):
+            options.update({"buckets": buckets, **({"ratio": ratio} if ratio is not None else {})})
         chosen = get_retriever(retriever, **options)
         budget = TierBudget(parse_bytes(device_bytes), parse_bytes(host_bytes), parse_bytes(disk_bytes), disk_dir)
         is_text = source.suffix.lower() == ".txt"

@@ -42,13 +42,19 @@ SWEEPS: dict[str, list[dict]] = {
 # domain and the Sum <= 0 fallback, whether the chunk's own clusters enter WiCSum, which layer selects,
 # the always-kept sinks / recent window, hyperplanes and Hamming threshold (the paper's §VI-E).
 ABLATIONS: dict[str, list[dict]] = {
-    "resv": [{"nonpositive": "shifted"}, {"include_current": False},
-             {"nonpositive": "shifted", "include_current": False},
-             {"keep_first": 4}, {"keep_recent": 256}, {"keep_first": 4, "keep_recent": 256},
-             {"selection": "previous_layer"},
+    "resv": [{"nonpositive": "shifted"}, {"include_current": False}, {"keep_recent": 256},
+             {"selection": "previous_layer"}, {"hamming_threshold": 0},
+             {"center_keys": True}, {"center_keys": True, "keep_recent": 256},
+             {"score_mode": "shifted", "ratio": 0.1}, {"score_mode": "shifted", "ratio": 0.05},
+             {"score_mode": "softmax", "ratio": 0.9}, {"score_mode": "softmax", "ratio": 0.9, "hamming_threshold": 4},
+             {"score_mode": "softmax", "ratio": 0.9, "hamming_threshold": 0},
+             {"nonpositive": "shifted", "include_current": False}, {"keep_first": 4},
              {"score_mode": "softmax", "ratio": 0.5}, {"score_mode": "softmax", "ratio": 0.7},
              {"hash_bits": 16}, {"hash_bits": 64}, {"hamming_threshold": 4}, {"hamming_threshold": 10},
-             {"hamming_threshold": 0}, {"buckets": 20}],
+             {"buckets": 20}],
+    # the baselines that predict, with V-Rex's prefetch reading (layer l's choice fetched for layer l + 1)
+    "rekv": [{"selection": "previous_layer"}],
+    "quest": [{"selection": "previous_layer"}],
 }
 
 
