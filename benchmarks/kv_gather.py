@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     big = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
     big_d = torch.empty_like(big, device=dev)
     pinned_gbps = (1 << 30) / timed(lambda: big_d.copy_(big, non_blocking=True), 5) / 1e6
-    del big, big_d
     for cache in [int(x) for x in args.cache.split(",")]:
         host = torch.randn(2, args.heads, cache, args.dim, generator=gen).to(torch.bfloat16).pin_memory()
         for ratio in [float(x) for x in args.ratios.split(",")]:
@@ -120,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"triton {row['triton_gbps']:5.1f} GB/s ({row['of_pinned_limit']:.0%} of pinned)  "
                   f"contiguous {row['contiguous_gbps']:5.1f}  index_select+copy {row['index_select_copy_gbps']:5.1f}  "
                   f"per-run copies {per_run_total_ms:8.2f} ms ({row['per_run_copy_us']:.1f} us each)", flush=True)
-            del flat, flat_d, out, want
-        del host
     doc = {"device": torch.cuda.get_device_name(), "pinned_h2d_gbps": pinned_gbps, "rows": rows,
            "command": " ".join(["python", "benchmarks/kv_gather.py", *(argv if argv is not None else sys.argv[1:])]),
            "torch": torch.__version__}
