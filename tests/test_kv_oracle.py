@@ -11,17 +11,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfmsift.kv import ReSV, TierBudget
+from lfmsift.kv import ReSV, TierBudget, get_retriever
 from lfmsift.kv.cache import new_cache, uninstall
 from lfmsift.kv.store import DISK, KVBudgetError, LayerKVStore
 from lfmsift.models.tiny import tiny_model
 
 
-def _rows_select(scores: list[float], counts: list[int], ratio: float) -> set[int]:
-    """WiCSum of one row by hand: sort descending, accumulate s * n until above ratio * sum."""
+def _rows_select(scores: list[float], counts: list[int], ratio: float, nonpositive: str = "top") -> set[int]:
+    """WiCSum of one row by hand: sort descending, accumulate s * n until above ratio * sum; a row whose
+    sum is <= 0 takes its top cluster (``top``) or is measured from its minimum (``shifted``)."""
     weights = [s * n for s, n in zip(scores, counts)]
     total = sum(weights)
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    if total <= 0 and nonpositive == "shifted":
+        low = min(scores)
+        scores = [s - low for s in scores]
+        weights = [s * n for s, n in zip(scores, counts)]
+        total = sum(weights)
     if total <= 0:
         return {order[0]}
     acc, chosen = 0.0, set()
@@ -51,7 +57,7 @@ def _oracle_tokens(q, past_keys, groups, retriever: ReSV, num_kv_heads: int) -> 
             for qh in range(h * group, (h + 1) * group):
                 for r in range(rows):
                     scores = [float(q[qh, r].double() @ rep) for rep in reps]
-                    chosen |= _rows_select(scores, counts, retriever.ratio)
+                    chosen |= _rows_select(scores, counts, retriever.ratio, retriever.nonpositive)
             for j in chosen:
                 keep[h, members[j]] = True
         keep[h] |= ~frame
@@ -102,11 +108,14 @@ def _stream(model, retriever, ids, chunk, budget):
     {},
     {"keep_first": 3, "keep_recent": 5},
     {"ratio": 0.6},
+    {"nonpositive": "shifted"},
+    {"name": "resv_shifted"},
 ])
 def test_same_layer_attends_to_the_brute_force_union(options, tmp_path):
     model = tiny_model("llama", seed=0, dtype=torch.float32)
     ids = torch.randint(0, 250, (1, 96), generator=torch.Generator().manual_seed(3))
-    retriever = ReSV(include_current=False, **options)
+    options = dict(options)
+    retriever = get_retriever(options.pop("name", "resv"), include_current=False, **options)
     cache, seen = _stream(model, retriever, ids, 12, TierBudget(device_bytes=24_000, disk_dir=tmp_path))
     try:
         checked = 0

@@ -53,6 +53,7 @@ ABLATIONS: dict[str, list[dict]] = {
              {"hash_bits": 16}, {"hash_bits": 64}, {"hamming_threshold": 4}, {"hamming_threshold": 10},
              {"buckets": 20}],
     # the baselines that predict, with V-Rex's prefetch reading (layer l's choice fetched for layer l + 1)
+    "resv_shifted": [{"selection": "previous_layer"}],
     "rekv": [{"selection": "previous_layer"}],
     "quest": [{"selection": "previous_layer"}],
 }
