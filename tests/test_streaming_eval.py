@@ -111,6 +111,22 @@ def test_multikey_found_with_the_full_cache_and_lost_outside_the_window(smollm2,
     assert not early["success"]  # the fact near the start left the window
 
 
+def test_paired_comparison_by_hand():
+    def run(successes):
+        return {"quality": {"items": [{"success": x} for x in successes]}}
+
+    a = run([True] * 7 + [False] * 3)
+    b = run([True, True, False, False, False, False, False, False, False, True])
+    out = kv_eval.paired_comparison(a, b)
+    # a alone: items 2-6 (5); b alone: item 9 (1); exact McNemar: 2 * P(X <= 1 | 6, 1/2) = 2 * 7 / 64
+    assert (out["a"], out["b"], out["only_a"], out["only_b"]) == (7, 3, 5, 1)
+    assert out["difference"] == pytest.approx(0.4) and out["mcnemar_p"] == pytest.approx(14 / 64)
+    lo, hi = out["interval"]
+    assert lo < 0.4 < hi and hi - lo == pytest.approx(2 * (1.96 * math.sqrt((0.6 - 0.16) / 10) + 0.1))
+    with pytest.raises(ValueError, match="same items"):
+        kv_eval.paired_comparison(a, run([True]))
+
+
 def test_plan_orders_full_first_and_rejects_unknowns():
     runs = kv_eval.plan(["resv", "full"], ["recall"], sweep=True)
     assert runs[0] == ("full", {}, "recall") and runs[1] == ("resv", {"ratio": 0.3}, "recall")

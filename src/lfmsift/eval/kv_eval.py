@@ -11,6 +11,7 @@ figure and the per-layer x per-KV-head heat map of the frame-stage ratios (the p
 from __future__ import annotations
 
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,30 @@ def run_kv_eval(model, processor, model_name: str, retrievers: list[str], tasks:
                             "default": options == DEFAULTS.get(name, {}), **_summary(result["stats"])}
         save()
     return doc
+
+
+def _items(run: dict) -> list[bool]:
+    quality = run["quality"]
+    return [bool(i["success"]) for i in quality.get("trials") or quality.get("items") or []]
+
+
+def paired_comparison(run_a: dict, run_b: dict) -> dict:
+    """Two runs of the same task on the same items (needle trials or multi-key questions): successes of
+    each, the items only one got right, the difference in accuracy with a 95% interval (Wald on the paired
+    differences, with the continuity correction of Fleiss) and the exact two-sided McNemar p-value."""
+    a, b = _items(run_a), _items(run_b)
+    if not a or len(a) != len(b):
+        raise ValueError("the runs must have per-item results on the same items")
+    n = len(a)
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    diff = (only_a - only_b) / n
+    half = 1.96 * math.sqrt(max(0.0, (only_a + only_b) / n - diff ** 2) / n) + 1 / n
+    discordant = only_a + only_b
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2 ** discordant \
+        if discordant else 1.0
+    return {"items": n, "a": sum(a), "b": sum(b), "only_a": only_a, "only_b": only_b, "difference": diff,
+            "interval": (max(-1.0, diff - half), min(1.0, diff + half)), "mcnemar_p": min(1.0, 2 * tail)}
 
 
 # -- reports ----------------------------------------------------------------------------------------------
