@@ -277,20 +277,22 @@ def markdown_table(doc: dict) -> str:
     names = sorted({r["retriever"] for r in runs}, key=lambda n: (n != "full", n))
     head = ["method", "options"]
     for t in tasks:
-        head += [QUALITY[t][1]] + (["video top-1"] if t == "video" else []) + [f"{t} fetched % frame / text"]
+        head += [QUALITY[t][1]] + (["video top-1"] if t == "video" else []) + [
+            f"{t} attended % frame / text", f"{t} fetched % frame / text"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         row = [n, ", ".join(f"{k}={v}" for k, v in DEFAULTS.get(n, {}).items()) or "-"]
         for t in tasks:
             r = next((x for x in runs if x["retriever"] == n and x["task"] == t), None)
             if r is None:
-                row += ["-"] * (3 if t == "video" else 2)
+                row += ["-"] * (4 if t == "video" else 3)
                 continue
             q = r["quality"][QUALITY[t][0]]
             row.append(f"{100 * q:.0f}%" if t in ("needle", "multikey") else f"{q:.3f}" if t == "video" else f"{q:.2f}")
             if t == "video":
                 row.append(f"{100 * r['quality']['top1']:.1f}%")
             row.append(f"{_pct(r['frame_ratio'])} / {_pct(r['text_ratio'])}")
+            row.append(f"{_pct(r.get('frame_fetched'))} / {_pct(r.get('text_fetched'))}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -324,7 +326,7 @@ def figure(doc: dict, path: str | Path) -> Path:
                 ys = [r["quality"][key] for r in runs]
                 ax.plot(xs, ys, "o-" if len(runs) > 1 else "o", color=colors[n], label=n)
         for ax, stage in zip(row, ("frame stage", "text stage")):
-            ax.set_xlabel(f"fetched tokens, {stage} (%)")
+            ax.set_xlabel(f"attended past streamed tokens, {stage} (%)")
             ax.set_ylabel(label)
             ax.set_xscale("log")
             if task == "recall":
