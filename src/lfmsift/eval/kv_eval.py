@@ -46,6 +46,7 @@ ABLATIONS: dict[str, list[dict]] = {
     "resv": [{"nonpositive": "shifted"}, {"include_current": False}, {"keep_recent": 256},
              {"selection": "previous_layer"}, {"hamming_threshold": 0},
              {"center_keys": True}, {"center_keys": True, "keep_recent": 256},
+             {"nonpositive": "shifted", "hamming_threshold": 0},
              {"score_mode": "shifted", "ratio": 0.1}, {"score_mode": "shifted", "ratio": 0.05},
              {"score_mode": "softmax", "ratio": 0.9}, {"score_mode": "softmax", "ratio": 0.9, "hamming_threshold": 4},
              {"score_mode": "softmax", "ratio": 0.9, "hamming_threshold": 0},
