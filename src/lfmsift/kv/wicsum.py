@@ -64,17 +64,21 @@ def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS) -> torch.Ten
     return idx.clamp_(0, buckets - 1).to(torch.int64)
 
 
-def wicsum_bucketed(
-    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Early-exit rule of the WTU. Returns (bool mask like ``scores``, fraction of each row visited)."""
+def _bucketed_inputs(scores: torch.Tensor, counts: torch.Tensor, ratio: float, buckets: int):
+    """Checked arguments of the bucketed rule: float64 scores, weights, row sums and bucket indices."""
     _check_ratio(ratio)
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
     s = scores.to(torch.float64)
     w = s * counts.to(s)
-    total = w.sum(-1, keepdim=True)
-    b = bucket_of(s, buckets)
+    return s, w, w.sum(-1, keepdim=True), bucket_of(s, buckets)
+
+
+def wicsum_bucketed(
+    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Early-exit rule of the WTU. Returns (bool mask like ``scores``, fraction of each row visited)."""
+    s, w, total, b = _bucketed_inputs(scores, counts, ratio, buckets)
     per_bucket = torch.zeros(*s.shape[:-1], buckets, dtype=s.dtype, device=s.device).scatter_add_(-1, b, w)
     exit_bucket = (per_bucket.cumsum(-1) > ratio * total).to(torch.int8).argmax(-1, keepdim=True)
     visited = b <= exit_bucket
@@ -91,13 +95,7 @@ def wicsum_bucket_walk(
     """The WTU's walk: buckets from the top down, each row stopping at its exit bucket, the walk ending
     when every row has exited (no histogram of the buckets below). The same result as
     ``wicsum_bucketed``: (bool mask like ``scores``, fraction of each row visited)."""
-    _check_ratio(ratio)
-    if buckets < 1:
-        raise ValueError(f"buckets must be >= 1, got {buckets}")
-    s = scores.to(torch.float64)
-    w = s * counts.to(s)
-    total = w.sum(-1, keepdim=True)
-    b = bucket_of(s, buckets)
+    s, w, total, b = _bucketed_inputs(scores, counts, ratio, buckets)
     threshold = ratio * total
     exit_bucket = torch.where(total > 0, torch.full_like(b[..., :1], -1), torch.zeros_like(b[..., :1]))
     acc = torch.zeros_like(total)
