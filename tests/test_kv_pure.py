@@ -193,3 +193,25 @@ def test_center_keys_hashes_each_key_minus_the_running_mean():
         assert new.any()
     # the offset makes raw hashes agree far more than centered ones: fewer, larger clusters
     assert plain.table.size < index.table.size
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_rule_over_a_padded_table_equals_the_rule_over_its_valid_clusters(seed):
+    """A preallocated table (the device index's) holds invalid slots: masked out, the exact rule and the
+    non-positive shift select what they select on the valid clusters alone (the oracle: slicing them out)."""
+    from lfmsift.kv.wicsum import shift_nonpositive
+
+    gen = torch.Generator().manual_seed(seed)
+    slots = 30
+    valid = torch.rand(slots, generator=gen) < 0.6
+    valid[int(torch.randint(slots, (1,), generator=gen))] = True
+    scores = torch.randn(4, slots, generator=gen) - 0.3 * (seed % 2)  # odd seeds: many rows with a sum <= 0
+    counts = torch.randint(1, 6, (slots,), generator=gen)
+    padded_scores = torch.where(valid, scores, torch.randn(4, slots, generator=gen) * 50)  # garbage in the padding
+    padded_counts = torch.where(valid, counts, torch.randint(0, 9, (slots,), generator=gen))
+    for ratio in (0.0, 0.3, 0.9):
+        got = wicsum_select(padded_scores, padded_counts, ratio, valid=valid)
+        assert not got[:, ~valid].any()
+        assert torch.equal(got[:, valid], wicsum_select(scores[:, valid], counts[valid], ratio))
+    shifted = shift_nonpositive(padded_scores, padded_counts, valid=valid)
+    assert torch.allclose(shifted[:, valid], shift_nonpositive(scores[:, valid], counts[valid]))

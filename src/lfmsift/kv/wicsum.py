@@ -6,6 +6,10 @@ descending-score prefix whose weighted cumulative sum exceeds Th_i (Eq. 3). Rows
 (which the paper never discusses) select their top cluster (the digest's A6). Selections are
 unioned over rows and over the query heads of each KV group.
 
+The exact rule and the non-positive shift take an optional ``valid`` mask over the clusters: the slots of
+a preallocated table (grown by doubling, as a device-resident index keeps it) that hold clusters; invalid
+slots weigh nothing and are never selected.
+
 Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and the WTU's early exit
 (equal-width score buckets from the row's max down, all clusters of a bucket taken together), itself in two
 forms: ``wicsum_bucket_walk`` walks the buckets from the top and stops once every row has exited (what
@@ -30,27 +34,42 @@ def _check_ratio(ratio: float) -> None:
 NONPOSITIVE_RULES = ("top", "shifted")
 
 
-def shift_nonpositive(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Scores with every row whose weighted sum is <= 0 replaced by itself minus its minimum (the
-    ``nonpositive="shifted"`` reading: such a row keeps its order and gets a positive sum); rows with a
-    positive sum are unchanged."""
-    s = scores.to(torch.float64)
-    total = (s * counts.to(s)).sum(-1, keepdim=True)
-    return torch.where(total > 0, s, s - s.amin(-1, keepdim=True))
-
-
-def wicsum_select(scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO) -> torch.Tensor:
-    """Exact rule. scores: (..., clusters); counts: (clusters,). Returns a bool mask like ``scores``."""
-    _check_ratio(ratio)
+def _masked(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None):
+    """float64 scores, weights ``s * n`` (0 where not ``valid``) and, for ordering, the scores with the
+    invalid entries at -inf. ``valid`` (clusters,) marks the slots of a preallocated table that hold
+    clusters (the device index grows its table by doubling); ``None``: every slot does."""
     s = scores.to(torch.float64)
     w = s * counts.to(s)
+    if valid is None:
+        return s, w, s
+    valid = valid.to(s.device)
+    return s, torch.where(valid, w, 0.0), torch.where(valid, s, float("-inf"))
+
+
+def shift_nonpositive(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores with every row whose weighted sum is <= 0 replaced by itself minus its minimum (the
+    ``nonpositive="shifted"`` reading: such a row keeps its order and gets a positive sum); rows with a
+    positive sum are unchanged. The minimum is over the ``valid`` clusters."""
+    s, w, _ = _masked(scores, counts, valid)
     total = w.sum(-1, keepdim=True)
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    low = s if valid is None else torch.where(valid.to(s.device), s, float("inf"))
+    return torch.where(total > 0, s, s - low.amin(-1, keepdim=True))
+
+
+def wicsum_select(scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact rule. scores: (..., clusters); counts: (clusters,); ``valid``: see ``_masked`` (invalid
+    slots sort last, weigh nothing and are never selected). Returns a bool mask like ``scores``."""
+    _check_ratio(ratio)
+    s, w, order_by = _masked(scores, counts, valid)
+    total = w.sum(-1, keepdim=True)
+    order = torch.sort(order_by, dim=-1, descending=True, stable=True).indices
     acc = w.gather(-1, order).cumsum(-1)
     last = (acc > ratio * total).to(torch.int8).argmax(-1, keepdim=True)  # first prefix over the threshold
     last = torch.where(total > 0, last, torch.zeros_like(last))
     take = torch.arange(s.shape[-1], device=s.device) <= last
-    return torch.zeros_like(take).scatter(-1, order, take)
+    mask = torch.zeros_like(take).scatter(-1, order, take)
+    return mask if valid is None else mask & valid.to(mask.device)
 
 
 def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS) -> torch.Tensor:
