@@ -109,7 +109,7 @@ def test_stream_cli_on_a_text_file(smollm2, data_dir, tmp_path):
 
 
 @pytest.mark.real
-def test_smolvlm_around_smollm2_is_exact_on_text_and_streams_real_frames(smollm2, data_dir):
+def test_smolvlm_around_smollm2_matches_it_on_text_and_streams_real_frames(smollm2, data_dir):
     from lfmsift.models.vlm import smolvlm_from_text_model
 
     text_model, tok = smollm2
@@ -118,7 +118,9 @@ def test_smolvlm_around_smollm2_is_exact_on_text_and_streams_real_frames(smollm2
     with torch.no_grad():
         expected = text_model(ids).logits
         got = vlm(input_ids=ids).logits[..., : expected.shape[-1]]
-    assert torch.equal(got, expected)
+    # The same weights and ops; fp32 summation order may differ between transformers releases.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
     with pytest.raises(ValueError, match="markers"):
         processor(text="<image><image>", images=[])
     clip = list(frames(data_dir / "video" / "vtest.avi", fps=2, max_frames=3))
