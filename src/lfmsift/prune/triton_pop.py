@@ -134,10 +134,8 @@ if triton is not None:
         The partial sums go in with relaxed atomics; the ticket, taken by one thread after a CTA barrier, is
         acq_rel, which orders the whole program's sums before it and the last program's reads after it (the
         release / acquire pattern of CUTLASS's split-K semaphore). An acq_rel atomic per thread put a GPU-wide
-        memory barrier in every thread (Nsight Compute: 21% of kept_down's warp samples in CTA barriers of
-        this finish); relaxed: Llama-2-7B 40% step 48.3 against 49.0 us on an H100 (session 16, branch
-        exp/s16-owner, experiments/exp_relaxed.py). Without FINISH the end of the launch orders the sums
-        before whatever reads them."""
+        memory barrier in every thread; relaxed sums made the step faster (docs/results.md has the
+        timings). Without FINISH the end of the launch orders the sums before whatever reads them."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         tile = offs_b[:, None] * stride_ob + offs_n[None, :]
@@ -526,15 +524,14 @@ if triton is not None:
 GATED_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2, "num_stages": 3}
 DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "K_PER_PROG": 256, "num_warps": 4}
 RANK_CONFIG = {"BLOCK_I": 16, "BLOCK_J": 512, "num_warps": 4}
-# `ranked_step`'s down pass at one token: chunks of 128 rows per program (55.5 against 57.7 us at the
-# Llama-2-7B 40% target on an H100; at ten tokens 256 was faster: experiments on branch exp/s12-ranked-down)
+# `ranked_step`'s down pass at one token: chunks of 128 rows per program (on an H100 the faster of 128 and
+# 256 at one token; at ten tokens 256 is)
 DOWN_CONFIG_ONE_TOKEN = {"K_PER_PROG": 128}
 RANKED_DOWN_RANK_I, RANKED_DOWN_RANK_J = 16, 256  # Candidates ranked per program, scores compared per pass
 GATED_SELECT_SPLIT = 4  # slices of the hidden dimension per block of Candidate rows in `gated_select`
-# `sliced_step` (one token over per-prompt slices; session 14, experiments on branch exp/s14-slices, H100):
-# gate/up one channel per program, 2,048 elements per load (the best of 7 settings); the down pass in chunks
-# of 128 rows up to 40 chunks, 256 beyond (Llama-2-7B 40%: 49.4 against 50.6 us; its 20% target and
-# Llama-3.1-8B's: 256 faster by 1.5-3 us).
+# `sliced_step` (one token over per-prompt slices, tuned on an H100): gate/up one channel per program,
+# 2,048 elements per load (the best of 7 settings); the down pass in chunks of 128 rows up to 40 chunks,
+# 256 beyond (each the faster at the Llama-2-7B / Llama-3.1-8B targets; docs/results.md has the timings).
 SLICED_GATED_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
 SLICED_DOWN_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 SLICED_DOWN_MAX_CHUNKS_OF_128 = 40
