@@ -198,7 +198,8 @@ def test_center_keys_hashes_each_key_minus_the_running_mean():
 @pytest.mark.parametrize("seed", range(6))
 def test_exact_rule_over_a_padded_table_equals_the_rule_over_its_valid_clusters(seed):
     """A preallocated table (the device index's) holds invalid slots: masked out, the exact rule and the
-    non-positive shift select what they select on the valid clusters alone (the oracle: slicing them out)."""
+    non-positive shift give what Eqs. 1-3 give on the valid clusters alone (oracles: the row-by-row brute force,
+    and the shift's definition on the sliced-out clusters)."""
     from lfmsift.kv.wicsum import shift_nonpositive
 
     gen = torch.Generator().manual_seed(seed)
@@ -212,6 +213,6 @@ def test_exact_rule_over_a_padded_table_equals_the_rule_over_its_valid_clusters(
     for ratio in (0.0, 0.3, 0.9):
         got = wicsum_select(padded_scores, padded_counts, ratio, valid=valid)
         assert not got[:, ~valid].any()
-        assert torch.equal(got[:, valid], wicsum_select(scores[:, valid], counts[valid], ratio))
+        assert torch.equal(got[:, valid], _brute_force(scores[:, valid], counts[valid], ratio))
     shifted = shift_nonpositive(padded_scores, padded_counts, valid=valid)
     assert torch.allclose(shifted[:, valid], shift_nonpositive(scores[:, valid], counts[valid]))
