@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD, HashClusterTable
+from lfmsift.kv.device_clusters import DeviceClusterTable
 from lfmsift.kv.hashing import DEFAULT_HASH_BITS, hash_bits, hyperplanes
 from lfmsift.kv.retriever import LayerIndex, Retriever, register
 from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, NONPOSITIVE_RULES, SCORE_MODES, select_clusters
@@ -25,14 +26,19 @@ class ReSVIndex(LayerIndex):
         self._key_count = 0
         self._rows: dict[str, dict] = {}  # per stage: WiCSum rows scored, and those with a sum <= 0
 
-    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+    def hash_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """(tokens,) hash bits of a chunk's keys (num_kv_heads, tokens, head_dim), all KV heads concatenated
+        (with ``center_keys``: minus the running mean of the layer's keys, this chunk's included)."""
         flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)  # per token, KV heads concatenated
         if self.config.center_keys:  # hash the keys' deviation from the running mean of this layer's keys
             total = self._key_sum.to(flat.device, torch.float32) + flat.float().sum(0)
             self._key_count += flat.shape[0]
             self._key_sum = total
             flat = flat.float() - total / self._key_count
-        return self.table.assign(keys, hash_bits(flat, self.planes))
+        return hash_bits(flat, self.planes)
+
+    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.table.assign(keys, self.hash_keys(keys))
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
@@ -47,16 +53,45 @@ class ReSVIndex(LayerIndex):
     def visited_fraction(self) -> torch.Tensor | None:
         return self._visited
 
+    def cluster_count(self) -> int:
+        return self.table.size
+
     def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
-        size = self.table.size
+        size = self.cluster_count()
         key_bytes = self.config.key_bytes or value_bytes
         return {
             "clusters": size,
             "tokens_per_cluster": num_tokens / size if size else 0.0,
-            "hc_table_bytes": self.table.nbytes(num_tokens, key_bytes),
+            "hc_table_bytes": int(self.table.nbytes(num_tokens, key_bytes)),
             # the share of WiCSum rows whose weighted sum was <= 0 (they take the ``nonpositive`` rule)
-            "nonpositive_rows": {stage: r["nonpositive"] / r["rows"] for stage, r in self._rows.items() if r.get("rows")},
+            "nonpositive_rows": {stage: float(r["nonpositive"]) / r["rows"] for stage, r in self._rows.items() if r.get("rows")},
         }
+
+
+class DeviceReSVIndex(ReSVIndex):
+    """The same rules on the compute device with no host read (the GPU streaming path): a
+    ``DeviceClusterTable`` whose open clusters are those with a member among the last ``window`` stream
+    positions (``None``: until ``close``), and WiCSum over its padded slots (the bucketed rule from the whole
+    histogram). ``assign`` returns device cluster ids; ``select`` a (num_kv_heads, bound) mask over the slots."""
+
+    def __init__(self, config: ReSV, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                 window: int | None = None) -> None:
+        super().__init__(config, layer, num_kv_heads, head_dim, device)
+        self.table = DeviceClusterTable(num_kv_heads, head_dim, config.hamming_threshold, device, window)
+        self._key_sum = self._key_sum.to(device)
+
+    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        return self.table.assign(keys, self.hash_keys(keys), position)
+
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
+        mask, self._visited = select_clusters(
+            queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets,
+            self.config.score_mode, self.config.nonpositive, self._rows.setdefault(stage, {}), self.table.valid,
+        )
+        return mask
+
+    def cluster_count(self) -> int:
+        return self.table.sync_bound()
 
 
 @register
@@ -110,6 +145,10 @@ class ReSV(Retriever):
 
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
         return ReSVIndex(self, layer, num_kv_heads, head_dim, device)
+
+    def device_index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                     window: int | None = None) -> DeviceReSVIndex:
+        return DeviceReSVIndex(self, layer, num_kv_heads, head_dim, device, window)
 
 
 @register

@@ -6,16 +6,18 @@ descending-score prefix whose weighted cumulative sum exceeds Th_i (Eq. 3). Rows
 (which the paper never discusses) select their top cluster (the digest's A6). Selections are
 unioned over rows and over the query heads of each KV group.
 
-The exact rule and the non-positive shift take an optional ``valid`` mask over the clusters: the slots of
-a preallocated table (grown by doubling, as a device-resident index keeps it) that hold clusters; invalid
-slots weigh nothing and are never selected.
+The exact rule, the shift and the bucket histogram take an optional ``valid`` mask over the clusters: the slots
+of a preallocated table (grown
+by doubling, as the device-resident index keeps it) that hold clusters; invalid slots weigh nothing and
+are never selected.
 
 Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and the WTU's early exit
 (equal-width score buckets from the row's max down, all clusters of a bucket taken together), itself in two
-forms: ``wicsum_bucket_walk`` walks the buckets from the top and stops once every row has exited (what
-``select_clusters`` runs), ``wicsum_bucketed`` builds the whole histogram (its oracle in the tests). The bucketed one selects a superset of the exact one, equal when the exit bucket's
-lower bound falls between the last selected score and the next; it reports how much of each row it
-visited (the paper reports 16% on average).
+forms: ``wicsum_bucket_walk`` walks the buckets from the top and stops once every row has exited (what the
+reference ``select_clusters`` runs), ``wicsum_bucketed`` builds the whole histogram, so it never reads the
+device back (what the device path runs, and the walk's oracle in the tests). The bucketed one selects a
+superset of the exact one, equal when the exit bucket's lower bound falls between the last selected score
+and the next; it reports how much of each row it visited (the paper reports 16% on average).
 """
 
 from __future__ import annotations
@@ -72,40 +74,56 @@ def wicsum_select(scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEF
     return mask if valid is None else mask & valid.to(mask.device)
 
 
-def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS) -> torch.Tensor:
+def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Bucket index of each score, 0 = the top bucket: ``floor((max - s) / width)`` with
-    ``width = (max - min) / buckets``, the lowest score clamped into the last bucket."""
+    ``width = (max - min) / buckets``, the lowest score clamped into the last bucket. With ``valid``, max and
+    min are over the valid clusters (the others get a bucket too, clamped into range, and are ignored)."""
     s = scores.to(torch.float64)
-    hi = s.max(-1, keepdim=True).values
-    lo = s.min(-1, keepdim=True).values
+    if valid is None:
+        hi = s.max(-1, keepdim=True).values
+        lo = s.min(-1, keepdim=True).values
+    else:
+        valid = valid.to(s.device)
+        hi = torch.where(valid, s, float("-inf")).max(-1, keepdim=True).values
+        lo = torch.where(valid, s, float("inf")).min(-1, keepdim=True).values
     width = (hi - lo) / buckets
-    idx = torch.where(width > 0, torch.floor((hi - s) / torch.where(width > 0, width, 1.0)), torch.zeros_like(s))
-    return idx.clamp_(0, buckets - 1).to(torch.int64)
+    ok = width > 0
+    idx = torch.where(ok, torch.floor((hi - s) / torch.where(ok, width, 1.0)), torch.zeros_like(s))
+    return torch.nan_to_num(idx).clamp_(0, buckets - 1).to(torch.int64)
 
 
-def _bucketed_inputs(scores: torch.Tensor, counts: torch.Tensor, ratio: float, buckets: int):
-    """Checked arguments of the bucketed rule: float64 scores, weights, row sums and bucket indices."""
+def _bucketed_inputs(scores: torch.Tensor, counts: torch.Tensor, ratio: float, buckets: int,
+                     valid: torch.Tensor | None = None):
+    """Checked arguments of the bucketed rule: float64 scores, weights (0 where not ``valid``), row sums and
+    bucket indices."""
     _check_ratio(ratio)
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
-    s = scores.to(torch.float64)
-    w = s * counts.to(s)
-    return s, w, w.sum(-1, keepdim=True), bucket_of(s, buckets)
+    s, w, _ = _masked(scores, counts, valid)
+    return s, w, w.sum(-1, keepdim=True), bucket_of(s, buckets, valid)
 
 
 def wicsum_bucketed(
-    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS
+    scores: torch.Tensor, counts: torch.Tensor, ratio: float = DEFAULT_WICSUM_RATIO, buckets: int = DEFAULT_BUCKETS,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Early-exit rule of the WTU. Returns (bool mask like ``scores``, fraction of each row visited)."""
-    s, w, total, b = _bucketed_inputs(scores, counts, ratio, buckets)
+    """Early-exit rule of the WTU from the whole histogram of the buckets (no data-dependent loop, so no host
+    read: what the device path runs). Returns (bool mask like ``scores``, fraction of each row's valid
+    clusters visited). ``valid``: see ``_masked``."""
+    s, w, total, b = _bucketed_inputs(scores, counts, ratio, buckets, valid)
     per_bucket = torch.zeros(*s.shape[:-1], buckets, dtype=s.dtype, device=s.device).scatter_add_(-1, b, w)
     exit_bucket = (per_bucket.cumsum(-1) > ratio * total).to(torch.int8).argmax(-1, keepdim=True)
     visited = b <= exit_bucket
-    top = torch.zeros_like(visited).scatter(-1, s.argmax(-1, keepdim=True), True)
+    order_by = s if valid is None else torch.where(valid.to(s.device), s, float("-inf"))
+    top = torch.zeros_like(visited).scatter(-1, order_by.argmax(-1, keepdim=True), True)
     positive = total > 0
     mask = torch.where(positive, visited, top)
     seen = torch.where(positive, visited, b == 0)
-    return mask, seen.to(torch.float64).mean(-1)
+    if valid is None:
+        return mask, seen.to(torch.float64).mean(-1)
+    valid = valid.to(s.device)
+    share = (seen & valid).to(torch.float64).sum(-1) / valid.sum().clamp(min=1)
+    return mask & valid, share
 
 
 def wicsum_bucket_walk(
@@ -134,18 +152,21 @@ def wicsum_bucket_walk(
 SCORE_MODES = ("raw", "shifted", "softmax")
 
 
-def transform_scores(scores: torch.Tensor, mode: str = "raw", scale: float = 1.0) -> torch.Tensor:
+def transform_scores(scores: torch.Tensor, mode: str = "raw", scale: float = 1.0,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Scores WiCSum weighs by cluster size (the digest's A6; every mode keeps each row's order):
     ``raw`` — ``q . k_cluster`` as the paper writes it (may be negative); ``shifted`` — minus the row's
     minimum, so every weight is >= 0 and the ratio is a share of non-negative mass; ``softmax`` —
     ``exp(scale * (s - max))``, so ``n_j * weight`` is cluster j's share of attention if its tokens scored
-    like its mean key."""
+    like its mean key. With ``valid``, the row's minimum and maximum are over the valid clusters."""
     if mode == "raw":
         return scores
     if mode == "shifted":
-        return scores - scores.amin(-1, keepdim=True)
+        low = scores if valid is None else torch.where(valid, scores, float("inf"))
+        return scores - low.amin(-1, keepdim=True)
     if mode == "softmax":
-        return torch.exp(scale * (scores - scores.amax(-1, keepdim=True)))
+        high = scores if valid is None else torch.where(valid, scores, float("-inf"))
+        return torch.exp(scale * (scores - high.amax(-1, keepdim=True)))
     raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {mode!r}")
 
 
@@ -158,6 +179,7 @@ def select_clusters(
     score_mode: str = "raw",
     nonpositive: str = "top",
     report: dict | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clusters each KV head must fetch: WiCSum per query head and row, unioned over rows and the group.
 
@@ -165,30 +187,37 @@ def select_clusters(
     counts: (clusters,). ``buckets=None`` uses the exact rule, an int the bucketed early exit.
     ``nonpositive``: what a row whose weighted sum is <= 0 takes — ``top``: its top cluster (the digest's
     A6); ``shifted``: the rule applied to that row minus its minimum (``shift_nonpositive``).
-    ``report``: when given, gets ``rows`` (query rows x query heads scored) and ``nonpositive`` (how many of
-    them had a weighted sum <= 0), added to what it holds.
+    ``report``: when given, gets ``rows`` (query rows x query heads scored) and ``nonpositive`` (a tensor: how
+    many of them had a weighted sum <= 0), added to what it holds.
+    ``valid`` (clusters,): the slots of a preallocated table that hold clusters (the device index's); then
+    nothing is read back to the host: the bucketed rule runs from the whole histogram
+    (``wicsum_bucketed``, the same selection as the walk) and invalid slots are never selected.
     Returns ((num_kv_heads, clusters) bool, mean visited fraction per KV head or None).
     """
     heads, rows, dim = queries.shape
     kv_heads, clusters, _ = representatives.shape
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
+    if nonpositive not in NONPOSITIVE_RULES:
+        raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {nonpositive!r}")
     if clusters == 0:
         return torch.zeros(kv_heads, 0, dtype=torch.bool, device=queries.device), None
     grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(representatives.dtype)
     scores = grouped @ representatives.transpose(1, 2)  # (kv_heads, group * rows, clusters)
-    scores = transform_scores(scores, score_mode, dim ** -0.5)
+    scores = transform_scores(scores, score_mode, dim ** -0.5, valid)
     if report is not None:
-        total = (scores.to(torch.float64) * counts.to(torch.float64)).sum(-1)
+        _, w, _ = _masked(scores, counts, valid)
+        total = w.sum(-1)
         report["rows"] = report.get("rows", 0) + total.numel()
-        report["nonpositive"] = report.get("nonpositive", 0) + int((total <= 0).sum())
+        report["nonpositive"] = report.get("nonpositive", 0) + (total <= 0).sum()
     if nonpositive == "shifted":
-        scores = shift_nonpositive(scores, counts)
-    elif nonpositive != "top":
-        raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {nonpositive!r}")
+        scores = shift_nonpositive(scores, counts, valid)
     if buckets is None:
-        mask, visited = wicsum_select(scores, counts, ratio), None
-    else:
+        mask, visited = wicsum_select(scores, counts, ratio, valid), None
+    elif valid is None:
         mask, seen = wicsum_bucket_walk(scores, counts, ratio, buckets)
+        visited = seen.mean(-1)
+    else:
+        mask, seen = wicsum_bucketed(scores, counts, ratio, buckets, valid)
         visited = seen.mean(-1)
     return mask.any(1), visited

@@ -1,0 +1,166 @@
+"""The device-resident ReSV index (the GPU streaming path's) against the reference and brute force.
+
+Oracles: ``HashClusterTable`` / ``ReSVIndex`` (the reference implementation of the same rules, run on the
+same inputs), a pure-Python walk for the founders, and the bucket walk on the valid clusters alone for the
+padded bucketed rule. Every test runs on the CPU; on a machine with CUDA it also runs there (Triton walk),
+and one test checks that the frame path never reads the device back (CUDA's sync debug mode).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfmsift.kernels.cluster_walk import founders, founders_reference
+from lfmsift.kv.clusters import HashClusterTable
+from lfmsift.kv.device_clusters import DeviceClusterTable
+from lfmsift.kv.resv import ReSV
+from lfmsift.kv.wicsum import wicsum_bucket_walk, wicsum_bucketed
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _python_founders(close: list[list[bool]], can_found: list[bool]) -> list[bool]:
+    out: list[bool] = []
+    for t, can in enumerate(can_found):
+        out.append(can and not any(close[t][f] and out[f] for f in range(t)))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_founders_walk_equals_the_python_walk(device):
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (0, 1, 2, 7, 16, 17, 64, 100):
+        close = (torch.rand(tokens, tokens, generator=gen) < 0.3).tril(-1)
+        can = torch.rand(tokens, generator=gen) < 0.7
+        want = _python_founders(close.tolist(), can.tolist())
+        assert founders(close.to(device), can.to(device)).cpu().tolist() == want
+        assert founders_reference(close, can).tolist() == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [0, 2, 3, 5, 7, 40])
+def test_device_table_clusters_as_the_reference(device, threshold):
+    """Same ids, hashes, counts and means chunk after chunk, with clusters closed in between."""
+    gen = torch.Generator().manual_seed(threshold)
+    ref = HashClusterTable(2, 4, threshold)
+    dev = DeviceClusterTable(2, 4, threshold, device)
+    for chunk in range(10):
+        tokens = int(torch.randint(0, 12, (1,), generator=gen))
+        hashes = torch.randint(0, 1 << 9, (tokens,), generator=gen)
+        keys = torch.randn(2, tokens, 4, generator=gen)
+        assert dev.assign(keys.to(device), hashes.to(device)).cpu().tolist() == ref.assign(keys, hashes).tolist()
+        if chunk % 3 == 2 and ref.size:
+            closed = torch.randperm(ref.size, generator=gen)[: ref.size // 2]
+            ref.close(closed)
+            dev.close(closed)
+    n = ref.size
+    assert int(dev.size) == n and dev.bound >= n and dev.sync_bound() == n
+    assert torch.equal(dev.hashes.cpu(), ref.hashes)
+    assert torch.equal(dev.counts.cpu(), ref.counts)
+    torch.testing.assert_close(dev.representatives.cpu(), ref.representatives, rtol=1e-5, atol=1e-6)
+    assert dev.is_open().cpu().tolist() == ref.is_open.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_closes_a_cluster_once_its_newest_member_leaves_the_recent_positions(device):
+    """Oracle: the reference table with ``close`` called, by plain bookkeeping, on every cluster whose newest
+    member is older than the window; text chunks advance the positions without clustering."""
+    window = 12
+    gen = torch.Generator().manual_seed(5)
+    ref = HashClusterTable(1, 2, threshold=4)
+    dev = DeviceClusterTable(1, 2, threshold=4, device=device, window=window)
+    newest: dict[int, int] = {}
+    position = 0
+    for chunk in range(14):
+        tokens = int(torch.randint(1, 6, (1,), generator=gen))
+        if chunk % 4 == 3:  # a text chunk: positions move on, nothing is clustered
+            dev.advance(tokens)
+            position += tokens
+            continue
+        ref.close([c for c, last in newest.items() if last < position - window])
+        hashes = torch.randint(0, 1 << 10, (tokens,), generator=gen)
+        keys = torch.randn(1, tokens, 2, generator=gen)
+        ids = ref.assign(keys, hashes).tolist()
+        assert dev.assign(keys.to(device), hashes.to(device)).cpu().tolist() == ids
+        for t, c in enumerate(ids):
+            newest[c] = position + t
+        position += tokens
+    ref.close([c for c, last in newest.items() if last < position - window])
+    got = dev.is_open().cpu()
+    assert got[: ref.size].tolist() == ref.is_open.tolist() and not got[ref.size :].any()
+    assert not all(ref.is_open.tolist()) and any(ref.is_open.tolist())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_padded_bucketed_rule_equals_the_walk_on_the_valid_clusters(seed):
+    gen = torch.Generator().manual_seed(seed)
+    slots = 40
+    valid = torch.rand(slots, generator=gen) < 0.5
+    valid[3] = True
+    scores = torch.randn(5, slots, generator=gen, dtype=torch.float64) + 0.2 - 0.6 * (seed % 2)
+    counts = torch.randint(1, 9, (slots,), generator=gen)
+    garbage = torch.where(valid, scores, torch.randn(5, slots, generator=gen, dtype=torch.float64) * 100)
+    for ratio in (0.0, 0.3, 0.8):
+        mask, seen = wicsum_bucketed(garbage, counts, ratio, 20, valid)
+        want, want_seen = wicsum_bucket_walk(scores[:, valid], counts[valid], ratio, 20)
+        assert not mask[:, ~valid].any()
+        assert torch.equal(mask[:, valid], want)
+        torch.testing.assert_close(seen, want_seen)
+
+
+RESV_OPTIONS = [
+    {},
+    {"buckets": 20},
+    {"nonpositive": "shifted", "buckets": 20},
+    {"score_mode": "shifted"},
+    {"score_mode": "softmax", "buckets": 20},
+    {"center_keys": True, "hamming_threshold": 5},
+    {"hamming_threshold": 0},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", RESV_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper")
+def test_device_resv_selects_exactly_the_reference_clusters(device, options):
+    """Chunks of correlated keys (a drifting mean, as video keys drift): same ids, selections, visited
+    fractions and statistics as the reference index."""
+    config = ReSV(hash_bits=16, **options)
+    kv_heads, dim = 2, 16
+    ref = config.index(3, kv_heads, dim, torch.device("cpu"))
+    dev = config.device_index(3, kv_heads, dim, torch.device(device))
+    gen = torch.Generator().manual_seed(7)
+    drift = torch.randn(kv_heads, 1, dim, generator=gen)
+    for chunk in range(12):
+        drift = drift + 0.3 * torch.randn(kv_heads, 1, dim, generator=gen)
+        keys = drift + 0.5 * torch.randn(kv_heads, 6, dim, generator=gen)
+        queries = torch.randn(4, 3, dim, generator=gen) + 0.2 * drift.repeat_interleave(2, 0)
+        assert dev.assign(keys.to(device)).cpu().tolist() == ref.assign(keys).tolist()
+        stage = "frame" if chunk % 2 else "text"
+        want = ref.select(queries, stage)
+        got = dev.select(queries.to(device), stage).cpu()
+        n = ref.table.size
+        assert torch.equal(got[:, :n], want) and not got[:, n:].any()
+        if config.buckets is not None:
+            torch.testing.assert_close(dev.visited_fraction().cpu(), ref.visited_fraction())
+    assert dev.stats(72) == ref.stats(72)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_index_steps_never_read_the_device_back():
+    """CUDA's sync debug mode raises on any synchronising call: assign and select run under it."""
+    config = ReSV(buckets=20)
+    index = config.device_index(0, 8, 128, torch.device("cuda"), window=64)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(3):  # warm up (allocations, Triton compilation)
+        index.assign(torch.randn(8, 11, 128, device="cuda", generator=gen))
+        index.select(torch.randn(32, 11, 128, device="cuda", generator=gen), "frame")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            index.assign(torch.randn(8, 11, 128, device="cuda", generator=gen))
+            index.select(torch.randn(32, 11, 128, device="cuda", generator=gen), "frame")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert index.table.sync_bound() > 0
