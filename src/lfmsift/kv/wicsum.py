@@ -6,10 +6,9 @@ descending-score prefix whose weighted cumulative sum exceeds Th_i (Eq. 3). Rows
 (which the paper never discusses) select their top cluster (the digest's A6). Selections are
 unioned over rows and over the query heads of each KV group.
 
-The exact rule, the shift and the bucket histogram take an optional ``valid`` mask over the clusters: the slots
-of a preallocated table (grown
-by doubling, as the device-resident index keeps it) that hold clusters; invalid slots weigh nothing and
-are never selected.
+The exact rule, the shift and the bucket histogram take an optional ``valid`` mask over the clusters: the
+slots of a preallocated table (grown by doubling, as the device-resident index keeps it) that hold
+clusters; invalid slots weigh nothing and are never selected.
 
 Two implementations of the one rule: ``wicsum_select`` (exact: a full sort) and the WTU's early exit
 (equal-width score buckets from the row's max down, all clusters of a bucket taken together), itself in two
