@@ -96,3 +96,89 @@ def gather_tokens(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tenso
     _gather_kernel[grid](source, slots, counts.to(torch.int32), out, src_slots, capacity,
                          HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
     return out
+
+
+def _check_two_tier(host: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor,
+                    out: torch.Tensor, out_offset: int) -> None:
+    if host.ndim != 4 or ring.ndim != 4 or host.shape[:2] != ring.shape[:2] or host.shape[3] != ring.shape[3]:
+        raise ValueError(f"host and ring must be (2, kv_heads, slots, head_dim) alike, got {tuple(host.shape)} "
+                         f"and {tuple(ring.shape)}")
+    _, heads, _, dim = ring.shape
+    if positions.ndim != 2 or positions.shape[0] != heads or counts.shape != (heads,):
+        raise ValueError(f"positions must be ({heads}, capacity) and counts ({heads},), got "
+                         f"{tuple(positions.shape)} and {tuple(counts.shape)}")
+    if out.ndim != 4 or out.shape[:2] != (2, heads) or out.shape[3] != dim or out.dtype != ring.dtype \
+            or out.shape[2] < out_offset + positions.shape[1]:
+        raise ValueError(f"out must be (2, {heads}, >= {out_offset + positions.shape[1]}, {dim}) of {ring.dtype}, "
+                         f"got {tuple(out.shape)} of {out.dtype}")
+    if not (host.is_contiguous() and ring.is_contiguous() and out.is_contiguous()):
+        raise ValueError("host, ring and out must be contiguous")
+
+
+def gather_positions_reference(host: torch.Tensor, ring: torch.Tensor, split: int, positions: torch.Tensor,
+                               counts: torch.Tensor, out: torch.Tensor, out_offset: int = 0) -> torch.Tensor:
+    """``gather_positions`` by ``index_select``, head by head (reads ``counts``: the oracle and the CPU path)."""
+    _check_two_tier(host, ring, positions, counts, out, out_offset)
+    for h, n in enumerate(counts.tolist()):
+        p = positions[h, :n].cpu()
+        old = p < split
+        dst = out[:, h, out_offset : out_offset + n]
+        if old.any():
+            dst[:, old.to(dst.device)] = host[:, h].index_select(1, p[old].to(host.device)).to(dst.device)
+        if (~old).any():
+            slots = (p[~old] % ring.shape[2]).to(ring.device)
+            dst[:, (~old).to(dst.device)] = ring[:, h].index_select(1, slots).to(dst.device)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_two_tier_kernel(host, ring, positions, counts, out, split, host_slots, ring_slots, capacity,
+                                out_slots, out_offset, HEADS: tl.constexpr, DIM: tl.constexpr,
+                                BLOCK_T: tl.constexpr):
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        plane = tl.program_id(2)  # 0: K, 1: V
+        n = tl.load(counts + head)
+        start = block * BLOCK_T
+        if start < n:
+            rows = start + tl.arange(0, BLOCK_T)
+            valid = rows < n
+            pos = tl.load(positions + head.to(tl.int64) * capacity + rows, mask=valid, other=0)
+            old = valid & (pos < split)
+            new = valid & (pos >= split)
+            cols = tl.arange(0, DIM)
+            base = (plane * HEADS + head).to(tl.int64)
+            from_host = tl.load(host + (base * host_slots + pos)[:, None] * DIM + cols[None, :],
+                                mask=old[:, None], other=0.0)
+            from_ring = tl.load(ring + (base * ring_slots + pos % ring_slots)[:, None] * DIM + cols[None, :],
+                                mask=new[:, None], other=0.0)
+            values = tl.where(old[:, None], from_host, from_ring)
+            dst = (base * out_slots + out_offset + rows.to(tl.int64))[:, None] * DIM + cols[None, :]
+            tl.store(out + dst, values, mask=valid[:, None])
+
+
+def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positions: torch.Tensor,
+                     counts: torch.Tensor, out: torch.Tensor, out_offset: int = 0,
+                     block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
+    """Gather stream positions from a two-tier layer store into ``out``, one launch for every KV head.
+
+    ``host`` (2, kv_heads, S, head_dim) holds position p at slot p (pinned host memory on CUDA: read in place
+    over the link); ``ring`` (2, kv_heads, W, head_dim) on the device holds the recent positions, p at slot
+    p % W. Positions below ``split`` come from the host, the others from the ring. ``positions`` (kv_heads,
+    capacity) with ``counts`` (kv_heads,) on the GPU as in ``gather_tokens``; row h's tokens land at
+    ``out[:, h, out_offset : out_offset + counts[h]]``. No host read; falls back to
+    ``gather_positions_reference`` where Triton cannot run."""
+    _check_two_tier(host, ring, positions, counts, out, out_offset)
+    if not (triton is not None and out.is_cuda and ring.is_cuda and (host.is_cuda or host.is_pinned())):
+        return gather_positions_reference(host, ring, split, positions, counts, out, out_offset)
+    _, heads, _, dim = ring.shape
+    if dim & (dim - 1):
+        raise ValueError(f"head_dim must be a power of two for the Triton gather, got {dim}")
+    capacity = positions.shape[1]
+    grid = (triton.cdiv(max(capacity, 1), block_tokens), heads, 2)
+    _gather_two_tier_kernel[grid](host, ring, positions, counts.to(torch.int32), out, split, host.shape[2],
+                                  ring.shape[2], capacity, out.shape[2], out_offset,
+                                  HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
+    return out

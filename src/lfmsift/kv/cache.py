@@ -114,8 +114,14 @@ class StreamingKVCache(Cache):
     budget: TierBudget = field(default_factory=TierBudget)
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    trace: list | None = None  # when a list: (layer, stage, (kv_heads, past) bool selection) per layer and chunk
 
     def __post_init__(self) -> None:
+        self._setup_layers()
+        self._setup_storage()
+
+    def _setup_layers(self) -> None:
+        """Layer layout, chunk bookkeeping and sliding windows (shared with the device path)."""
         attn = [layer.attention for layer in self.view.layers]
         self.sliding = [a.sliding_window is not None for a in attn]
         super().__init__(layers=[_StreamLayer(self, s) for s in self.sliding])
@@ -128,13 +134,7 @@ class StreamingKVCache(Cache):
         self.num_kv_heads, self.head_dim = heads.pop() if heads else (attn[0].num_kv_heads, attn[0].head_dim)
         self.num_heads = attn[0].num_heads
         self.full_layers = [i for i, s in enumerate(self.sliding) if not s]
-        self.store = TieredKVStore(len(self.full_layers), self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                                   self.budget)
         self._slot = {layer: i for i, layer in enumerate(self.full_layers)}
-        self.indexes: dict[int, LayerIndex] = {
-            layer: self.retriever.index(layer, self.num_kv_heads, self.head_dim, self.device)
-            for layer in self.full_layers
-        }
         self.windows: dict[int, _Window] = {}
         self.seen = 0
         self.kind = TEXT
@@ -143,6 +143,15 @@ class StreamingKVCache(Cache):
         self._pending: dict[int, torch.Tensor] = {}
         self._attn_inputs: dict[int, tuple] = {}
         self._hooks: list = []
+
+    def _setup_storage(self) -> None:
+        """The tiered store, one retriever index per full-attention layer, and the usage counters."""
+        self.store = TieredKVStore(len(self.full_layers), self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                                   self.budget)
+        self.indexes: dict[int, LayerIndex] = {
+            layer: self.retriever.index(layer, self.num_kv_heads, self.head_dim, self.device)
+            for layer in self.full_layers
+        }
         self.usage = {
             stage: {
                 layer: _Usage(torch.zeros(self.num_kv_heads, dtype=torch.float64),
@@ -215,6 +224,8 @@ class StreamingKVCache(Cache):
         frames = frame.sum().item()
         if frames and (self.retriever.keep_first or self.retriever.keep_recent):
             keep = keep | always_kept(frame, self.retriever.keep_first, self.retriever.keep_recent)
+        if self.trace is not None:
+            self.trace.append((layer, self.kind, keep.clone()))
         if past:
             store.touch(past_groups[keep.any(0)])  # least recently *used* groups leave the device first
         usage = self.usage[self.kind][layer]
@@ -338,7 +349,7 @@ class StreamingKVCache(Cache):
         if index and "clusters" in next(iter(index.values())):
             clusters = sum(s["clusters"] for s in index.values())
             hc = sum(s["hc_table_bytes"] for s in index.values())
-            frame_tokens = sum(int((s.group.view >= 0).sum()) for s in self.store.layers)
+            frame_tokens = self._stored_frame_tokens()
             out["index"].update({
                 "clusters": clusters,
                 "tokens_per_cluster": frame_tokens / clusters if clusters else 0.0,
@@ -356,6 +367,10 @@ class StreamingKVCache(Cache):
             (w.keys.numel() + w.values.numel()) * w.keys.element_size() for w in self.windows.values()
         )
         return out
+
+    def _stored_frame_tokens(self) -> int:
+        """Streamed (frame) tokens held, summed over the full-attention layers."""
+        return sum(int((s.group.view >= 0).sum()) for s in self.store.layers)
 
     def close(self) -> None:
         self.store.close()
@@ -402,8 +417,30 @@ def uninstall(cache: StreamingKVCache) -> None:
             del layer.attention.module.lfmsift_cache
 
 
-def new_cache(model: nn.Module, retriever: Retriever, budget: TierBudget | None = None) -> StreamingKVCache:
-    """A cache for ``model`` (any supported architecture), installed."""
-    cache = StreamingKVCache(describe(model), retriever, budget or TierBudget())
+CACHE_PATHS = ("auto", "reference", "device")
+
+
+def build_cache(view: ModelView, retriever: Retriever, budget: TierBudget | None = None,
+                path: str = "auto") -> StreamingKVCache:
+    """A (not installed) streaming cache. ``path``: ``reference`` (this module: the oracle, runs anywhere,
+    disk tier included), ``device`` (``lfmsift.kv.device_cache``: no host read inside a layer) or ``auto``
+    (device on CUDA, reference elsewhere)."""
+    if path not in CACHE_PATHS:
+        raise ValueError(f"cache path must be one of {CACHE_PATHS}, got {path!r}")
+    budget = budget or TierBudget()
+    param = next(view.language_model.parameters())
+    if path == "auto":
+        path = "device" if param.device.type == "cuda" else "reference"
+    if path == "reference":
+        return StreamingKVCache(view, retriever, budget)
+    from lfmsift.kv.device_cache import DeviceStreamingCache
+
+    return DeviceStreamingCache(view, retriever, budget)
+
+
+def new_cache(model: nn.Module, retriever: Retriever, budget: TierBudget | None = None,
+              path: str = "reference") -> StreamingKVCache:
+    """A cache for ``model`` (any supported architecture), installed; ``path`` as in ``build_cache``."""
+    cache = build_cache(describe(model), retriever, budget, path)
     install(cache)
     return cache

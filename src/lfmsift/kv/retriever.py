@@ -81,6 +81,14 @@ class Retriever(ABC):
     @abstractmethod
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex: ...
 
+    def device_index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                     window: int | None = None) -> LayerIndex | None:
+        """The index of the device streaming path, whose ``assign(keys, position)`` and ``select`` return
+        device tensors without reading the device back (``window``: the recent positions kept on the device);
+        ``None`` when this retriever has none (the device path then runs ``index`` and reads its results
+        back in every layer)."""
+        return None
+
     def describe(self) -> dict:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
@@ -117,6 +125,23 @@ class _ChunkIndex(LayerIndex):
         return {"groups": self.groups}
 
 
+class _DeviceChunkIndex(LayerIndex):
+    """One group per chunk on the device path, every group selected."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.groups = device, 0
+
+    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        self.groups += 1
+        return torch.full((keys.shape[1],), self.groups - 1, dtype=torch.int64, device=self.device)
+
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> None:
+        return None
+
+    def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
+        return {"groups": self.groups}
+
+
 @register
 @dataclass
 class Full(Retriever):
@@ -127,3 +152,7 @@ class Full(Retriever):
 
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
         return _ChunkIndex()
+
+    def device_index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                     window: int | None = None) -> LayerIndex:
+        return _DeviceChunkIndex(device)

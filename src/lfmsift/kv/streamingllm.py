@@ -18,27 +18,28 @@ import torch
 from lfmsift.kv.retriever import LayerIndex, Retriever, register
 
 
-def sink_window_mask(tokens: int, sinks: int, window: int) -> torch.Tensor:
+def sink_window_mask(tokens: int, sinks: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(tokens,) bool: the first ``sinks`` and the last ``window`` of ``tokens`` streamed tokens."""
-    idx = torch.arange(tokens)
+    idx = torch.arange(tokens, device=device)
     return (idx < sinks) | (idx >= tokens - window)
 
 
 class SinkWindowIndex(LayerIndex):
     """One group per streamed token (groups are token order)."""
 
-    def __init__(self, config: StreamingLLM, num_kv_heads: int) -> None:
+    def __init__(self, config: StreamingLLM, num_kv_heads: int, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.num_kv_heads = num_kv_heads
         self.tokens = 0
+        self.device = device  # where ids and masks are made ("cpu" for the reference path)
 
-    def assign(self, keys: torch.Tensor) -> torch.Tensor:
-        ids = torch.arange(self.tokens, self.tokens + keys.shape[1], dtype=torch.int64)
+    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        ids = torch.arange(self.tokens, self.tokens + keys.shape[1], dtype=torch.int64, device=self.device)
         self.tokens += keys.shape[1]
         return ids
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
-        keep = sink_window_mask(self.tokens, self.config.sinks, self.config.window)
+        keep = sink_window_mask(self.tokens, self.config.sinks, self.config.window, self.device)
         return keep.expand(self.num_kv_heads, -1).clone()
 
 
@@ -58,3 +59,7 @@ class StreamingLLM(Retriever):
 
     def index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device) -> LayerIndex:
         return SinkWindowIndex(self, num_kv_heads)
+
+    def device_index(self, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                     window: int | None = None) -> LayerIndex:
+        return SinkWindowIndex(self, num_kv_heads, device)

@@ -1,0 +1,56 @@
+"""Attention of a chunk over its gathered past tokens and itself, per KV head, without repeating K/V.
+
+The gathered buffer (2, kv_heads, length, head_dim) holds, for KV head h, its ``counts[h]`` selected past
+tokens at ``[0, counts[h])`` (each head its own selection), then unused slots, and the chunk's own K/V at
+``[start, start + tokens)``. The query heads of a GQA group are stacked as rows of their KV head, so one
+SDPA call attends every head with K/V read once per KV head; the mask (selected past, causal chunk) is
+built on the device from ``counts``, so the call needs nothing from the host. ``attend_reference`` is the
+same attention head by head on the selected tokens alone (the oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, group: int) -> torch.Tensor:
+    """(kv_heads, group * tokens, length) bool: row ``g * tokens + t`` of head h sees its selected past
+    ``[0, counts[h])`` and the chunk up to itself ``[start, start + t]``."""
+    j = torch.arange(length, device=counts.device)
+    t = (torch.arange(group * tokens, device=counts.device) % tokens)[:, None]
+    chunk = (j >= start) & (j - start <= t)  # (rows, length)
+    return (j[None, None, :] < counts[:, None, None]) | chunk[None]
+
+
+def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
+                    scaling: float) -> torch.Tensor:
+    """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring.
+    Returns (tokens, heads, head_dim), the layout transformers' attention functions return."""
+    heads, tokens, dim = query.shape
+    kv_heads, length = buffer.shape[1], buffer.shape[2]
+    group = heads // kv_heads
+    q = query.reshape(kv_heads, 1, group * tokens, dim)
+    mask = gathered_mask(counts, start, length, tokens, group)[:, None]
+    out = F.scaled_dot_product_attention(q, buffer[0, :, None].to(q.dtype), buffer[1, :, None].to(q.dtype),
+                                         attn_mask=mask, scale=scaling)
+    return out.reshape(heads, tokens, dim).transpose(0, 1)
+
+
+def attend_reference(query: torch.Tensor, past_keys: list[torch.Tensor], past_values: list[torch.Tensor],
+                     keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head by head in float64: softmax over each KV head's selected past (lists of (n_h, head_dim)) and the
+    chunk's keys (kv_heads, tokens, head_dim) causally. Returns (tokens, heads, head_dim)."""
+    heads, tokens, _ = query.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    out = torch.empty(tokens, heads, query.shape[-1], dtype=torch.float64)
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    for h in range(heads):
+        kv = h // group
+        k = torch.cat([past_keys[kv].double().cpu(), keys[kv].double().cpu()])
+        v = torch.cat([past_values[kv].double().cpu(), values[kv].double().cpu()])
+        scores = query[h].double().cpu() @ k.T * scaling
+        seen = torch.cat([torch.ones(tokens, past_keys[kv].shape[0], dtype=torch.bool), causal], 1)
+        out[:, h] = torch.softmax(scores.masked_fill(~seen, float("-inf")), -1) @ v
+    return out

@@ -1,0 +1,249 @@
+"""The streaming KV cache of the GPU path: the reference's rules with the data and decisions on the device.
+
+``DeviceStreamingCache`` is a second implementation of ``StreamingKVCache`` (same chunk protocol, same
+attention function ``"lfmsift_stream"``, same statistics), built so that a layer never waits for the host:
+
+1. the retriever's *device index* (``Retriever.device_index``: ReSV's ``DeviceReSVIndex``, full fetch,
+   StreamingLLM) clusters the chunk and selects clusters as device tensors; a retriever without one runs
+   its reference index, whose results are read back (the statistics say so: ``host_reads_in_layers``);
+2. the selection becomes, per KV head, an ascending list of past stream positions and a count, by a cumsum
+   and a scatter on the device (text positions always kept, ``keep_first`` / ``keep_recent`` added);
+3. one gather launch reads those positions from the ``RingKVStore`` (old positions from pinned host
+   memory over the link, recent ones from the device ring) into a preallocated buffer, the chunk's own K/V
+   behind them;
+4. ``attend_gathered`` attends every query head in one call, the mask built from the counts;
+5. the chunk is appended to the store (ring slot and host slot known from its position).
+
+``selection="previous_layer"`` (V-Rex's prefetch): layer l's queries and index choose layer l + 1's
+tokens, and on CUDA their gather runs on a side stream while layer l finishes and layer l + 1 projects
+its queries; layer l + 1 waits on an event before its attention. The first full-attention layer fetches
+every past token. Two buffers alternate between consecutive layers.
+
+Clusters close when their newest member leaves the device ring (``cluster_window="store"``, the paper's
+"clustering within the recent KV cache"); the reference closes the groups its LRU store offloads, so the
+two agree exactly when nothing is offloaded (``cluster_window=None`` turns closing off). Batch 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lfmsift.kv.attention import attend_gathered
+from lfmsift.kv.cache import FRAME, STAGES, StreamingKVCache, _Usage
+from lfmsift.kv.device_store import RingKVStore, RingLayerStore
+from lfmsift.kv.retriever import LayerIndex
+from lfmsift.kernels.kv_gather import gather_positions
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 16  # gathered buffer lengths are rounded up to this (aligned masks for the SDPA kernels)
+
+
+class HostIndexAdapter(LayerIndex):
+    """A reference index on the device path: its ids and masks are moved to the device (a host read per
+    layer and chunk; for retrievers that have no device index)."""
+
+    def __init__(self, index: LayerIndex, device: torch.device) -> None:
+        self.index, self.device = index, device
+
+    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        return self.index.assign(keys).to(self.device)
+
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None):
+        mask = self.index.select(queries, stage, hint)
+        return None if mask is None else mask.to(self.device)
+
+    def visited_fraction(self) -> torch.Tensor | None:
+        return self.index.visited_fraction()
+
+    def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
+        return self.index.stats(num_tokens, value_bytes)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+@dataclass
+class DeviceStreamingCache(StreamingKVCache):
+    """KV cache of one streaming session on the device path (batch 1). See the module docstring."""
+
+    cluster_window: int | None | str = "store"
+
+    def _setup_storage(self) -> None:
+        self.store = RingKVStore(len(self.full_layers), self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                                 self.budget)
+        window = self.store.layers[0].window if self.store.layers else None
+        cluster_window = window if self.cluster_window == "store" else self.cluster_window
+        self.indexes: dict[int, LayerIndex] = {}
+        self.host_reads = False
+        for layer in self.full_layers:
+            index = self.retriever.device_index(layer, self.num_kv_heads, self.head_dim, self.device, cluster_window)
+            if index is None:
+                index = HostIndexAdapter(self.retriever.index(layer, self.num_kv_heads, self.head_dim, self.device),
+                                         self.device)
+                self.host_reads = True
+            self.indexes[layer] = index
+        if self.host_reads:
+            log.info("retriever %r has no device index: its index runs on the host in every layer",
+                     self.retriever.name)
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(self.num_kv_heads, dtype=torch.float64, device=self.device)
+
+        self.usage = {stage: {layer: _Usage(zeros(), zeros(), offloaded=torch.zeros((), dtype=torch.float64,
+                                                                                     device=self.device))
+                              for layer in self.full_layers} for stage in STAGES}
+        self._buffers = [torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+                         for _ in range(2)]
+        self._side = torch.cuda.Stream(self.device) \
+            if self.device.type == "cuda" and self.retriever.selection == "previous_layer" else None
+        self.frames_seen = 0  # streamed (frame) tokens stored before the current chunk
+        self._fetched_tokens = torch.zeros((), dtype=torch.int64, device=self.device)  # (token, head) pairs
+
+    # -- chunk protocol ------------------------------------------------------------------------------------
+    def begin(self, kind: str, tokens: int | None = None) -> None:
+        """As ``StreamingKVCache.begin``; the device path needs ``tokens`` to make room before the forward
+        pass (tier growth, gather buffers), so that no layer allocates or waits."""
+        if tokens is None:
+            raise ValueError("the device streaming path needs the chunk's token count: begin(kind, tokens)")
+        super().begin(kind, tokens)
+        self.store.reserve(tokens)
+        length = _round_up(self.seen + tokens, _ALIGN)
+        for i, buffer in enumerate(self._buffers):
+            if buffer.shape[2] < length:
+                self._buffers[i] = torch.zeros(2, self.num_kv_heads, max(length, 2 * buffer.shape[2]), self.head_dim,
+                                               dtype=self.dtype, device=self.device)
+
+    def end(self, tokens: int) -> None:
+        if self.kind == FRAME:
+            self.frames_seen += tokens
+        super().end(tokens)
+
+    # -- the attention path --------------------------------------------------------------------------------
+    def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        layer = module.layer_idx
+        if query.shape[0] != 1:
+            raise ValueError(f"streaming sessions run batch 1, got a batch of {query.shape[0]}")
+        q, k, v = query[0], key[0], value[0]
+        if self.sliding[layer]:
+            return self._window_attention(layer, q, k, v, scaling, self.view.layers[layer].attention.sliding_window)
+        slot = self._slot[layer]
+        store, index = self.store[slot], self.indexes[layer]
+        past, tokens = store.tokens, k.shape[1]
+        early = self.retriever.selects_before_assign
+        hint = self._hint(layer)
+        if early:
+            clusters = index.select(q, self.kind, hint)
+        if self.kind == FRAME:
+            groups = index.assign(k, past)
+        else:
+            groups = torch.full((tokens,), self._text_group, dtype=torch.int64, device=self.device)
+        if not early:
+            clusters = index.select(q, self.kind, hint)
+        if self.retriever.selection == "same_layer":
+            keep = self._keep(store, clusters, past)
+            buffer, counts = self._gather(slot % 2, store, keep, past)
+        else:
+            keep, buffer, counts = self._prefetched(layer, slot, store, past)
+            nxt = self._next_full_layer(layer)
+            if nxt is not None:
+                self._prefetch(nxt, self._keep(store, clusters, past), past)
+        if self.trace is not None:
+            self.trace.append((layer, self.kind, keep))
+        buffer[:, :, past : past + tokens] = torch.stack([k, v]).to(buffer.dtype)
+        out = attend_gathered(q, buffer[:, :, : _round_up(past + tokens, _ALIGN)], counts, past, scaling)
+        self._record(layer, store, keep, past)
+        store.append(k, v, groups)
+        return out[None]
+
+    def _keep(self, store: RingLayerStore, clusters: torch.Tensor | None, past: int) -> torch.Tensor:
+        """(kv_heads, past) bool: the past positions each KV head attends to (text always)."""
+        groups = store.groups[:past]
+        frame = groups >= 0
+        if clusters is None:
+            keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
+        elif clusters.shape[1] == 0:
+            keep = (~frame).expand(self.num_kv_heads, -1).clone()
+        else:
+            keep = torch.where(frame[None, :], clusters[:, groups.clamp(min=0)], True)
+        first, recent = self.retriever.keep_first, self.retriever.keep_recent
+        if self.frames_seen and (first or recent):
+            order = frame.cumsum(0) - 1  # index of each streamed token in the stream
+            keep |= frame & ((order < first) | (order >= self.frames_seen - recent))
+        return keep
+
+    def _gather(self, which: int, store: RingLayerStore, keep: torch.Tensor, past: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of ``keep`` per head (ascending), gathered into buffer ``which``; returns it and the counts."""
+        counts = keep.sum(1)
+        rank = torch.where(keep, keep.cumsum(1) - 1, past)  # past: the discarded column
+        positions = torch.zeros(self.num_kv_heads, past + 1, dtype=torch.int64, device=self.device)
+        positions.scatter_(1, rank, torch.arange(past, device=self.device).expand(self.num_kv_heads, -1))
+        buffer = self._buffers[which]
+        gather_positions(store.host, store.ring, store.split, positions[:, :past], counts, buffer)
+        return buffer, counts
+
+    def _prefetched(self, layer: int, slot: int, store: RingLayerStore, past: int):
+        """previous_layer: the selection made for ``layer`` by the previous layer (waiting for its gather),
+        or every past token for the first full-attention layer."""
+        pending = self._pending.pop(layer, None)
+        if pending is None:
+            keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
+            return (keep, *self._gather(slot % 2, store, keep, past))
+        keep, buffer, counts, event = pending
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return keep, buffer, counts
+
+    def _prefetch(self, layer: int, keep: torch.Tensor, past: int) -> None:
+        """Start gathering ``layer``'s selected positions (on the side stream when there is one)."""
+        slot = self._slot[layer]
+        store = self.store[slot]
+        if self._side is None:
+            self._pending[layer] = (keep, *self._gather(slot % 2, store, keep, past), None)
+            return
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            buffer, counts = self._gather(slot % 2, store, keep, past)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        keep.record_stream(self._side)
+        counts.record_stream(main)
+        self._pending[layer] = (keep, buffer, counts, event)
+
+    def _record(self, layer: int, store: RingLayerStore, keep: torch.Tensor, past: int) -> None:
+        """Usage statistics on the device (read once, by ``stats``)."""
+        self._fetched_tokens += keep[:, : store.split].sum()
+        if not self.frames_seen:
+            return
+        frame = store.groups[:past] >= 0
+        offloaded = frame & (torch.arange(past, device=self.device) < store.split)
+        usage = self.usage[self.kind][layer]
+        usage.selected += (keep & frame).sum(1)
+        usage.available += self.frames_seen
+        usage.fetched += (keep & offloaded).sum(1)
+        usage.offloaded += offloaded.sum()
+        usage.chunks += 1
+        visited = self.indexes[layer].visited_fraction()
+        if visited is not None and self.retriever.selection == "same_layer":
+            usage.visited_sum = visited if usage.visited_sum is None else usage.visited_sum + visited
+            usage.visited_chunks += 1
+
+    # -- statistics ----------------------------------------------------------------------------------------
+    def _stored_frame_tokens(self) -> int:
+        return sum(int((s.groups[: s.tokens] >= 0).sum()) for s in self.store.layers)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["path"] = "device"
+        out["host_reads_in_layers"] = self.host_reads
+        head_bytes = self.store.layers[0].token_bytes // self.num_kv_heads if self.store.layers else 0
+        out["store"]["moved_bytes"] = {"fetched_host": int(self._fetched_tokens) * head_bytes}
+        return out
