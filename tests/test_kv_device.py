@@ -164,3 +164,145 @@ def test_device_index_steps_never_read_the_device_back():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert index.table.sync_bound() > 0
+
+
+# -- the device store, gather and attention ------------------------------------------------------------------
+
+def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from_the_ring():
+    """Oracle: element by element, the definition (host slot p below the split, ring slot p % W above)."""
+    from lfmsift.kernels.kv_gather import gather_positions
+
+    gen = torch.Generator().manual_seed(0)
+    heads, dim, window, total = 3, 8, 16, 50
+    host = torch.randn(2, heads, 64, dim, generator=gen)
+    ring = torch.randn(2, heads, window, dim, generator=gen)
+    split = total - window
+    counts = torch.tensor([0, 7, 30])
+    positions = torch.zeros(heads, 40, dtype=torch.int64)
+    for h in range(heads):
+        positions[h, : counts[h]] = torch.randperm(total, generator=gen)[: counts[h]].sort().values
+    out = torch.full((2, heads, 45, dim), 9.0)
+    gather_positions(host, ring, split, positions, counts, out, out_offset=5)
+    for h in range(heads):
+        for i in range(int(counts[h])):
+            p = int(positions[h, i])
+            want = host[:, h, p] if p < split else ring[:, h, p % window]
+            assert torch.equal(out[:, h, 5 + i], want)
+        assert (out[:, h, : 5] == 9.0).all() and (out[:, h, 5 + int(counts[h]) :] == 9.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_over_the_gathered_buffer_equals_per_head_attention_on_the_selected_tokens(device):
+    """Oracle: ``attend_reference`` (float64, head by head, on the selected tokens alone)."""
+    from lfmsift.kv.attention import attend_gathered, attend_reference
+
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, tokens, dim, start = 6, 2, 5, 16, 40
+    length = 48
+    buffer = torch.randn(2, kv_heads, length, dim, generator=gen)
+    counts = torch.tensor([0, 23])
+    keys, values = torch.randn(kv_heads, tokens, dim, generator=gen), torch.randn(kv_heads, tokens, dim, generator=gen)
+    buffer[0, :, start : start + tokens], buffer[1, :, start : start + tokens] = keys, values
+    query = torch.randn(heads, tokens, dim, generator=gen)
+    got = attend_gathered(query.to(device), buffer.to(device), counts.to(device), start, 0.25)
+    want = attend_reference(query, [buffer[0, h, : counts[h]] for h in range(kv_heads)],
+                            [buffer[1, h, : counts[h]] for h in range(kv_heads)], keys, values, 0.25)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_store_refuses_what_does_not_fit_and_changes_nothing():
+    from lfmsift.kv.device_store import RingKVStore
+    from lfmsift.kv.store import KVBudgetError, TierBudget
+
+    token_bytes = 2 * 2 * 4 * 4  # K and V, 2 KV heads of 4 fp32 values
+    store = RingKVStore(1, 2, 4, torch.float32, "cpu", TierBudget(device_bytes=8 * token_bytes,
+                                                                  host_bytes=10 * token_bytes))
+    with pytest.raises(KVBudgetError, match="device budget"):
+        store.reserve(9)
+    for _ in range(3):
+        store.reserve(6)
+        store[0].append(torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.zeros(6, dtype=torch.int64))
+    assert store[0].tokens == 18 and store[0].split == 10
+    with pytest.raises(KVBudgetError, match="host budget"):
+        store.reserve(1)
+    assert store[0].tokens == 18 and store.stats()["bytes"] == {"device": 8 * token_bytes,
+                                                                "host": 10 * token_bytes, "disk": 0}
+    with pytest.raises(ValueError, match="no disk tier"):
+        RingKVStore(1, 2, 4, torch.float32, "cpu", TierBudget(disk_bytes=100))
+
+
+# -- the device cache against the reference cache ---------------------------------------------------------------
+
+def _stream(model, ids, retriever, path, chunks, budget=None, device="cpu"):
+    from lfmsift.kv.cache import new_cache, uninstall
+
+    cache = new_cache(model, retriever, budget, path)
+    cache.trace = []
+    logits = []
+    try:
+        with torch.no_grad():
+            start = 0
+            for n, kind in chunks:
+                cache.begin(kind, n)
+                logits.append(model(ids[:, start : start + n].to(device), past_key_values=cache).logits.cpu())
+                cache.end(n)
+                start += n
+        return torch.cat(logits, 1), [(layer, stage, keep.cpu()) for layer, stage, keep in cache.trace], cache.stats()
+    finally:
+        uninstall(cache)
+        cache.close()
+
+
+STREAM = [(6, "text")] + [(8, "frame")] * 18 + [(5, "text"), (1, "text"), (1, "text"), (8, "frame"), (3, "text")]
+RETRIEVERS = [
+    ("full", {}),
+    ("resv", {}),
+    ("resv", {"buckets": 20, "nonpositive": "shifted"}),
+    ("resv", {"selection": "previous_layer", "buckets": 20}),
+    ("resv", {"include_current": False, "keep_first": 4, "keep_recent": 16}),
+    ("resv_shifted", {"center_keys": True}),
+    ("streamingllm", {"window": 32}),
+    ("rekv", {}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("name, options", RETRIEVERS, ids=[f"{n}-{'-'.join(o)}" for n, o in RETRIEVERS])
+def test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(device, arch, name, options):
+    """Same selection per layer, KV head and chunk as the reference cache (nothing offloaded, so clusters
+    close on neither path), and the same logits."""
+    from lfmsift.kv import get_retriever
+    from lfmsift.models.tiny import tiny_model
+
+    model = tiny_model(arch, seed=0, dtype=torch.float32)
+    ids = torch.randint(0, 250, (1, sum(n for n, _ in STREAM)), generator=torch.Generator().manual_seed(0))
+    want, want_trace, want_stats = _stream(model, ids, get_retriever(name, **options), "reference", STREAM)
+    model = model.to(device)
+    got, trace, stats = _stream(model, ids, get_retriever(name, **options), "device", STREAM, device=device)
+    assert len(trace) == len(want_trace) > 0
+    for (layer, stage, keep), (want_layer, want_stage, want_keep) in zip(trace, want_trace):
+        assert (layer, stage) == (want_layer, want_stage)
+        assert torch.equal(keep, want_keep), (layer, stage)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for stage in ("frame_stage", "text_stage"):
+        assert stats[stage]["retrieval_ratio"] == pytest.approx(want_stats[stage]["retrieval_ratio"])
+    assert stats["path"] == "device" and stats["host_reads_in_layers"] == (name == "rekv")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_fetch_through_the_ring_and_host_tier_equals_the_plain_model(device):
+    from lfmsift.kv import TierBudget, get_retriever
+    from lfmsift.models.tiny import tiny_model
+
+    model = tiny_model("llama", seed=0, dtype=torch.float32).to(device)
+    ids = torch.randint(0, 250, (1, 96), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(ids.to(device)).logits.cpu()
+    chunks = [(8, "frame")] * 12
+    token_bytes = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
+    budget = TierBudget(device_bytes=20 * token_bytes * model.config.num_hidden_layers)
+    got, _, stats = _stream(model, ids, get_retriever("full"), "device", chunks, budget, device)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    assert stats["store"]["bytes"]["host"] > 0 and stats["frame_stage"]["fetched_ratio"] == 1.0
+    assert stats["store"]["moved_bytes"]["fetched_host"] > 0

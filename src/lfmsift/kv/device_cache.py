@@ -95,9 +95,7 @@ class DeviceStreamingCache(StreamingKVCache):
         def zeros() -> torch.Tensor:
             return torch.zeros(self.num_kv_heads, dtype=torch.float64, device=self.device)
 
-        self.usage = {stage: {layer: _Usage(zeros(), zeros(), offloaded=torch.zeros((), dtype=torch.float64,
-                                                                                     device=self.device))
-                              for layer in self.full_layers} for stage in STAGES}
+        self.usage = {stage: {layer: _Usage(zeros(), zeros()) for layer in self.full_layers} for stage in STAGES}
         self._buffers = [torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
                          for _ in range(2)]
         self._side = torch.cuda.Stream(self.device) \
@@ -123,6 +121,26 @@ class DeviceStreamingCache(StreamingKVCache):
         if self.kind == FRAME:
             self.frames_seen += tokens
         super().end(tokens)
+
+    def add_chunk(self, keys: list[torch.Tensor], values: list[torch.Tensor], kind: str = FRAME) -> None:
+        """Store a chunk whose K/V were computed elsewhere (a dense prefill, a saved prefix) as if it had been
+        streamed: clustered by the retriever's index (frames), appended to every full-attention layer, no
+        attention computed. ``keys`` / ``values``: per full-attention layer, (kv_heads, tokens, head_dim)
+        post-RoPE."""
+        if any(self.sliding):
+            raise ValueError("add_chunk needs a model whose layers all attend fully (no sliding-window layers)")
+        if len(keys) != len(self.full_layers) or len(values) != len(self.full_layers):
+            raise ValueError(f"add_chunk takes K and V of {len(self.full_layers)} layers, got {len(keys)} and {len(values)}")
+        tokens = keys[0].shape[1]
+        self.begin(kind, tokens)
+        for slot, layer in enumerate(self.full_layers):
+            store = self.store[slot]
+            if kind == FRAME:
+                groups = self.indexes[layer].assign(keys[slot], store.tokens)
+            else:
+                groups = torch.full((tokens,), self._text_group, dtype=torch.int64, device=self.device)
+            store.append(keys[slot], values[slot], groups)
+        self.end(tokens)
 
     # -- the attention path --------------------------------------------------------------------------------
     def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

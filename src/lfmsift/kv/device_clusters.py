@@ -13,8 +13,10 @@ The same rules as ``HashClusterTable`` (its docstring), a second implementation 
   member is among the last ``window`` stream positions (the recent KV cache kept on the device: the paper
   clusters "within the recent KV cache").
 
-``sync_bound()`` reads the true size once (one host read, meant for once per chunk outside the layer loop)
-to tighten the bound, so the tensors scored by WiCSum track the real table.
+The bound is tightened without waiting: on CUDA each ``assign`` starts an asynchronous copy of the size
+into pinned memory and, once a later call finds that copy complete (an event query, not a wait), the
+bound becomes the copied size plus the tokens assigned since, so the slots WiCSum scores track the real
+table a chunk or two behind. On the CPU the size is read directly. ``sync_bound()`` reads it now.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class DeviceClusterTable:
         self._counts = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._newest = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._closed = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self._size_copy: tuple | None = None  # (event, pinned size, bound when copied) in flight
 
     # -- views over the first ``bound`` slots ----------------------------------------------------------------
     @property
@@ -98,6 +101,7 @@ class DeviceClusterTable:
         if keys.shape != (self.num_kv_heads, tokens, self.head_dim):
             raise ValueError(f"keys must be ({self.num_kv_heads}, {tokens}, {self.head_dim}), got {tuple(keys.shape)}")
         position = self.seen if position is None else position
+        self._tighten_bound()
         hashes = hashes.to(self.device)
         arange_t = torch.arange(tokens, device=self.device)
         # Old open clusters: nearest distance and, among ties, the highest id.
@@ -153,6 +157,22 @@ class DeviceClusterTable:
         self._newest.scatter_reduce_(0, cluster, positions, "amax")
         self.size = self.size + founder.sum()
         self.bound = need
+
+    def _tighten_bound(self) -> None:
+        """Lower the bound to a size copied earlier plus what was assigned since (see the module docstring)."""
+        if self.device.type != "cuda":
+            self.bound = int(self.size)
+            return
+        if self._size_copy is not None and self._size_copy[0].query():
+            _, size, bound_then = self._size_copy
+            self.bound = min(self.bound, int(size) + self.bound - bound_then)
+            self._size_copy = None
+        if self._size_copy is None:
+            size = torch.empty((), dtype=torch.int64, pin_memory=True)
+            size.copy_(self.size, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._size_copy = (event, size, self.bound)
 
     def advance(self, tokens: int) -> None:
         """Count ``tokens`` stream positions that were not clustered (text), so the window moves on."""

@@ -1,0 +1,329 @@
+"""ReSV on the GPU: frame latency and time per output token of a streaming session over an offloaded KV cache.
+
+A random-weight model of Llama-3-8B's shapes (32 layers, 32 query / 8 KV heads of 128, bf16; ``--layers``
+cuts it) streams frames of ``--frame-tokens`` tokens (11, as in VideoLLM-online) whose input embeddings
+drift slowly from frame to frame, so that keys cluster as video keys do. The cache is built once per method
+by a dense prefill of the same stream (sdpa, chunks of 4K tokens) whose K/V enter the streaming cache chunk
+by chunk (``DeviceStreamingCache.add_chunk``: clustered, stored) up to each cache length of ``--caches``;
+there ``--frames`` frames are streamed and timed, then a question of ``--question`` tokens and ``--decode``
+greedy steps (time per output token). The device keeps a ring of ``--window`` recent tokens per layer;
+every older token lives in pinned host memory and is read over the link when selected.
+
+Methods (``--methods``): ``full`` (every past token fetched: FlexGen-style offloading), ``resv`` with
+``same_layer`` and ``previous_layer`` selection, ``streamingllm``, ``rekv`` (its reference index, read back
+in every layer). ReSV runs the WTU's bucketed rule (20 buckets). ``--ratio-modes``: ``measured`` (ReSV's rule
+on these random-weight keys) and ``paper`` (each layer and KV head takes its highest-scoring clusters until
+they hold 32.7% of the past frame tokens while frames stream and 2.5% while answering: V-Rex's Table II
+ratios, so that the system is measured apart from what random weights select).
+
+Per row: frame latency and FPS, time per output token, bytes fetched from the host per frame and per output
+token, the achieved host-to-device rate, the bytes limit (fetched bytes / measured pinned host-to-device
+bandwidth + the measured dense forward of one frame with no past, i.e. the weights and compute floor) and
+the share of it reached. A one-frame check under CUDA's sync debug mode counts host synchronisations.
+
+    python benchmarks/stream_gpu.py --json results/stream_gpu_h200.json      (on a CUDA machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lfmsift.kv import TierBudget, get_retriever
+from lfmsift.kv.cache import FRAME, TEXT, install, uninstall
+from lfmsift.kv.device_cache import DeviceStreamingCache
+from lfmsift.kv.resv import DeviceReSVIndex, ReSV
+from lfmsift.models.adapters import describe
+
+PAPER_RATIOS = {FRAME: 0.327, TEXT: 0.025}  # V-Rex Table II: ReSV's retrieval ratios, frame / text stage
+
+
+class PinnedRatioIndex(DeviceReSVIndex):
+    """ReSV's index whose selection takes, per KV head, the clusters with the highest score (max over the
+    group's query rows) until they hold a fixed share of the past frame tokens: the paper's ratios."""
+
+    def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.table
+        heads, rows, dim = queries.shape
+        kv = table.num_kv_heads
+        if table.bound == 0:
+            return torch.zeros(kv, 0, dtype=torch.bool, device=queries.device)
+        grouped = queries.reshape(kv, heads // kv * rows, dim).float()
+        scores = (grouped @ table.representatives.transpose(1, 2)).amax(1)  # (kv, bound)
+        scores = torch.where(table.valid, scores, float("-inf"))
+        order = scores.argsort(-1, descending=True)
+        counts = table.counts.float()
+        held = counts[order].cumsum(-1)
+        need = PAPER_RATIOS[stage] * counts.sum()
+        take = (held - counts[order]) < need  # the prefix that reaches the share
+        mask = torch.zeros_like(take).scatter(-1, order, take)
+        return mask & table.valid
+
+
+class PinnedReSV(ReSV):
+    def device_index(self, layer, num_kv_heads, head_dim, device, window=None):
+        return PinnedRatioIndex(self, layer, num_kv_heads, head_dim, device, window)
+
+
+def llama3_8b(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def stream_embeddings(tokens: int, frame_tokens: int, hidden: int, seed: int = 0) -> torch.Tensor:
+    """(1, tokens, hidden) bf16: each frame's embeddings its base plus token noise; the base drifts slowly."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    frames = -(-tokens // frame_tokens)
+    steps = torch.randn(frames, hidden, device="cuda", generator=gen) * 0.3
+    base = torch.randn(1, hidden, device="cuda", generator=gen) + steps.cumsum(0) / frames ** 0.5
+    emb = base.repeat_interleave(frame_tokens, 0)[:tokens] + 0.5 * torch.randn(tokens, hidden, device="cuda",
+                                                                                 generator=gen)
+    return (emb * 0.02).to(torch.bfloat16)[None]
+
+
+@torch.no_grad()
+def dense_prefill(model, embeds: torch.Tensor, chunk: int = 4096) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Post-RoPE K/V of every layer for ``embeds`` (plain sdpa attention), each (kv_heads, tokens, head_dim)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for start in range(0, embeds.shape[1], chunk):
+        model.model(inputs_embeds=embeds[:, start : start + chunk], past_key_values=cache, use_cache=True)
+    keys = [layer.keys[0] for layer in cache.layers]
+    values = [layer.values[0] for layer in cache.layers]
+    return keys, values
+
+
+def link_gbps() -> float:
+    """Pinned host-to-device copy bandwidth (best of 5 copies of 256 MiB)."""
+    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return host.numel() / best / 1e9
+
+
+def timed(fn) -> float:
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop)
+
+
+def retriever_for(method: str, selection: str, ratio_mode: str):
+    if method == "resv":
+        cls = PinnedReSV if ratio_mode == "paper" else ReSV
+        return cls(selection=selection, buckets=20)
+    return get_retriever(method)
+
+
+@torch.no_grad()
+def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, method, selection, ratio_mode):
+    cfg = model.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    token_bytes = 2 * cfg.num_key_value_heads * dim * 2
+    budget = TierBudget(device_bytes=args.window * token_bytes * cfg.num_hidden_layers)
+    cache = DeviceStreamingCache(describe(model), retriever, budget)
+    install(cache)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    per_head = dim * 2 * 2  # K and V of one token and KV head, bf16
+    try:
+        loaded = 0
+        next_embed = max(args.caches) + 64
+        for target in args.caches:
+            while loaded < target:
+                n = min(args.frame_tokens, target - loaded)
+                cache.add_chunk([k[:, loaded : loaded + n] for k in keys], [v[:, loaded : loaded + n] for v in values])
+                loaded += n
+            for index in cache.indexes.values():  # the bound of the index's table, read outside the timed steps
+                if hasattr(index, "table"):
+                    index.table.sync_bound()
+            frame_ms, frame_bytes = [], []
+            for f in range(args.frames + 1):  # the first frame warms up
+                chunk = embeds[:, next_embed : next_embed + args.frame_tokens]
+                next_embed += args.frame_tokens
+                before = int(cache._fetched_tokens)
+
+                def step(chunk=chunk):
+                    cache.begin(FRAME, chunk.shape[1])
+                    model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache.end(chunk.shape[1])
+
+                ms = timed(step)
+                if f:
+                    frame_ms.append(ms)
+                    frame_bytes.append((int(cache._fetched_tokens) - before) * per_head)
+            question = torch.randint(0, cfg.vocab_size, (1, args.question), generator=gen).cuda()
+            cache.begin(TEXT, question.shape[1])
+            logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            cache.end(question.shape[1])
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tpot, token_bytes_moved = [], []
+            for s in range(args.decode + 1):
+                before = int(cache._fetched_tokens)
+                out = {}
+
+                def decode(token=token, out=out):
+                    cache.begin(TEXT, 1)
+                    out["logits"] = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+                    cache.end(1)
+
+                ms = timed(decode)
+                token = out["logits"][:, -1].argmax(-1, keepdim=True)
+                if s:
+                    tpot.append(ms)
+                    token_bytes_moved.append((int(cache._fetched_tokens) - before) * per_head)
+            stats = cache.stats()
+            f_ms = statistics.median(frame_ms)
+            t_ms = statistics.median(tpot)
+            f_bytes = statistics.mean(frame_bytes)
+            t_bytes = statistics.mean(token_bytes_moved)
+            limit = f_bytes / (pinned * 1e9) * 1e3 + dense_ms["frame"]
+            t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["token"]
+            row = {
+                "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
+                "batch": 1, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
+                "frame_ms": f_ms, "fps": 1e3 / f_ms, "tpot_ms": t_ms,
+                "fetched_bytes_per_frame": f_bytes, "fetched_bytes_per_token": t_bytes,
+                "h2d_gbps": f_bytes / (f_ms * 1e6), "pinned_gbps": pinned,
+                "limit_ms": limit, "of_limit": limit / f_ms, "tpot_limit_ms": t_limit, "tpot_of_limit": t_limit / t_ms,
+                "frame_retrieval_ratio": stats["frame_stage"]["retrieval_ratio"],
+                "text_retrieval_ratio": stats["text_stage"]["retrieval_ratio"],
+                "host_reads_in_layers": stats["host_reads_in_layers"],
+            }
+            rows.append(row)
+            print(f"{method:13s} {selection:14s} {ratio_mode:8s} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
+                  f"  tpot {t_ms:7.2f} ms  fetched {f_bytes / 1e6:8.1f} MB/frame  {row['h2d_gbps']:5.1f} GB/s"
+                  f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})", flush=True)
+    finally:
+        uninstall(cache)
+        cache.close()
+    return rows
+
+
+@torch.no_grad()
+def sync_check(model, keys, values, embeds, args) -> dict:
+    """Host synchronisations during one ReSV frame step, counted by CUDA's sync debug mode."""
+    cfg = model.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    budget = TierBudget(device_bytes=args.window * 2 * cfg.num_key_value_heads * dim * 2 * cfg.num_hidden_layers)
+    out = {}
+    for selection in ("same_layer", "previous_layer"):
+        cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
+        install(cache)
+        try:
+            n = min(args.caches)
+            for start in range(0, n, args.frame_tokens):
+                m = min(args.frame_tokens, n - start)
+                cache.add_chunk([k[:, start : start + m] for k in keys], [v[:, start : start + m] for v in values])
+            chunk = embeds[:, n : n + args.frame_tokens]
+            for _ in range(2):  # warm up
+                cache.begin(FRAME, chunk.shape[1])
+                model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache.end(chunk.shape[1])
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    cache.begin(FRAME, chunk.shape[1])
+                    model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache.end(chunk.shape[1])
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+            out[selection] = {"host_syncs_in_frame_step": len(syncs), "messages": sorted(set(syncs))[:10]}
+            print(f"sync check {selection}: {len(syncs)} host synchronisations in one frame step", flush=True)
+        finally:
+            uninstall(cache)
+            cache.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--caches", default="1024,5120,10240,20480,40960")
+    parser.add_argument("--frame-tokens", type=int, default=11)
+    parser.add_argument("--window", type=int, default=2048, help="recent tokens per layer kept on the device")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--question", type=int, default=16)
+    parser.add_argument("--decode", type=int, default=8)
+    parser.add_argument("--methods", default="full,resv:same_layer,resv:previous_layer,streamingllm,rekv")
+    parser.add_argument("--ratio-modes", default="measured,paper")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    args.caches = sorted(int(c) for c in args.caches.split(","))
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    model = llama3_8b(args.layers)
+    cfg = model.config
+    total = max(args.caches) + 64 + (args.frames + 1) * args.frame_tokens * len(args.caches) * 2 + 4096
+    embeds = stream_embeddings(total, args.frame_tokens, cfg.hidden_size)
+    t = time.perf_counter()
+    keys, values = dense_prefill(model, embeds[:, : max(args.caches)])
+    print(f"dense prefill of {max(args.caches)} tokens: {time.perf_counter() - t:.1f} s", flush=True)
+    pinned = link_gbps()
+    with torch.no_grad():
+        frame = embeds[:, :args.frame_tokens]
+        for _ in range(3):
+            model(inputs_embeds=frame, logits_to_keep=1)
+        dense_ms = {"frame": statistics.median(timed(lambda: model(inputs_embeds=frame, logits_to_keep=1))
+                                               for _ in range(10)),
+                    "token": statistics.median(timed(lambda: model(inputs_embeds=frame[:, :1])) for _ in range(10))}
+    print(f"pinned host-to-device {pinned:.1f} GB/s; dense forward with no past: frame {dense_ms['frame']:.2f} ms, "
+          f"token {dense_ms['token']:.2f} ms", flush=True)
+    syncs = sync_check(model, keys, values, embeds, args)
+    rows = []
+    for spec in args.methods.split(","):
+        method, _, selection = spec.partition(":")
+        selection = selection or "same_layer"
+        modes = args.ratio_modes.split(",") if method == "resv" else ["measured"]
+        for mode in modes:
+            rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args, dense_ms,
+                            pinned, method, selection, mode)
+    # Speedups against full fetch at the same cache length.
+    full = {r["cache_tokens"]: r for r in rows if r["method"] == "full"}
+    for r in rows:
+        base = full.get(r["cache_tokens"])
+        if base:
+            r["frame_speedup_vs_full"] = base["frame_ms"] / r["frame_ms"]
+            r["tpot_speedup_vs_full"] = base["tpot_ms"] / r["tpot_ms"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+            "pinned_gbps": pinned, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
+        }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
