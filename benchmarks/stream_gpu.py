@@ -125,13 +125,32 @@ def link_gbps() -> float:
     return host.numel() / best / 1e9
 
 
-def timed(fn) -> float:
+def timed(fn, host: list | None = None) -> float:
+    """Milliseconds of ``fn`` on the GPU (CUDA events); ``host`` gets the milliseconds the host took to issue
+    it (close to the GPU time when the step is bound by launches, not by the device)."""
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
     start.record()
     fn()
     stop.record()
+    if host is not None:
+        host.append((time.perf_counter() - t) * 1e3)
     stop.synchronize()
     return start.elapsed_time(stop)
+
+
+def launch_us(count: int = 2000) -> float:
+    """Host microseconds per small kernel launch on this machine (a one-element in-place add)."""
+    x = torch.zeros(1, device="cuda")
+    for _ in range(100):
+        x.add_(1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(count):
+        x.add_(1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / count * 1e6
 
 
 def retriever_for(method: str, selection: str, ratio_mode: str):
@@ -163,21 +182,23 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             for index in cache.indexes.values():  # the bound of the index's table, read outside the timed steps
                 if hasattr(index, "table"):
                     index.table.sync_bound()
-            frame_ms, frame_bytes = [], []
+            frame_ms, frame_bytes, frame_host_ms = [], [], []
             for f in range(args.frames + 1):  # the first frame warms up
                 chunk = embeds[:, next_embed : next_embed + args.frame_tokens]
                 next_embed += args.frame_tokens
-                before = int(cache._fetched_tokens)
+                before = cache.fetched_host_tokens()
 
                 def step(chunk=chunk):
                     cache.begin(FRAME, chunk.shape[1])
                     model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
                     cache.end(chunk.shape[1])
 
-                ms = timed(step)
+                host = []
+                ms = timed(step, host)
                 if f:
                     frame_ms.append(ms)
-                    frame_bytes.append((int(cache._fetched_tokens) - before) * per_head)
+                    frame_host_ms.append(host[0])
+                    frame_bytes.append((cache.fetched_host_tokens() - before) * per_head)
             question = torch.randint(0, cfg.vocab_size, (1, args.question), generator=gen).cuda()
             cache.begin(TEXT, question.shape[1])
             logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -185,7 +206,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             token = logits[:, -1].argmax(-1, keepdim=True)
             tpot, token_bytes_moved = [], []
             for s in range(args.decode + 1):
-                before = int(cache._fetched_tokens)
+                before = cache.fetched_host_tokens()
                 out = {}
 
                 def decode(token=token, out=out):
@@ -197,7 +218,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 token = out["logits"][:, -1].argmax(-1, keepdim=True)
                 if s:
                     tpot.append(ms)
-                    token_bytes_moved.append((int(cache._fetched_tokens) - before) * per_head)
+                    token_bytes_moved.append((cache.fetched_host_tokens() - before) * per_head)
             stats = cache.stats()
             f_ms = statistics.median(frame_ms)
             t_ms = statistics.median(tpot)
@@ -208,7 +229,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             row = {
                 "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
                 "batch": 1, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
-                "frame_ms": f_ms, "fps": 1e3 / f_ms, "tpot_ms": t_ms,
+                "frame_ms": f_ms, "fps": 1e3 / f_ms, "tpot_ms": t_ms, "frame_host_ms": statistics.median(frame_host_ms),
                 "fetched_bytes_per_frame": f_bytes, "fetched_bytes_per_token": t_bytes,
                 "h2d_gbps": f_bytes / (f_ms * 1e6), "pinned_gbps": pinned,
                 "limit_ms": limit, "of_limit": limit / f_ms, "tpot_limit_ms": t_limit, "tpot_of_limit": t_limit / t_ms,
@@ -219,7 +240,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             rows.append(row)
             print(f"{method:13s} {selection:14s} {ratio_mode:8s} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
                   f"  tpot {t_ms:7.2f} ms  fetched {f_bytes / 1e6:8.1f} MB/frame  {row['h2d_gbps']:5.1f} GB/s"
-                  f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})", flush=True)
+                  f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})  host {row['frame_host_ms']:.1f} ms", flush=True)
     finally:
         uninstall(cache)
         cache.close()
@@ -256,7 +277,7 @@ def sync_check(model, keys, values, embeds, args) -> dict:
                     cache.end(chunk.shape[1])
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+            syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
             out[selection] = {"host_syncs_in_frame_step": len(syncs), "messages": sorted(set(syncs))[:10]}
             print(f"sync check {selection}: {len(syncs)} host synchronisations in one frame step", flush=True)
         finally:
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     keys, values = dense_prefill(model, embeds[:, : max(args.caches)])
     print(f"dense prefill of {max(args.caches)} tokens: {time.perf_counter() - t:.1f} s", flush=True)
     pinned = link_gbps()
+    launch = launch_us()
     with torch.no_grad():
         frame = embeds[:, :args.frame_tokens]
         for _ in range(3):
@@ -297,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_ms = {"frame": statistics.median(timed(lambda: model(inputs_embeds=frame, logits_to_keep=1))
                                                for _ in range(10)),
                     "token": statistics.median(timed(lambda: model(inputs_embeds=frame[:, :1])) for _ in range(10))}
-    print(f"pinned host-to-device {pinned:.1f} GB/s; dense forward with no past: frame {dense_ms['frame']:.2f} ms, "
+    print(f"pinned host-to-device {pinned:.1f} GB/s; {launch:.1f} us per kernel launch; dense forward with no past: frame {dense_ms['frame']:.2f} ms, "
           f"token {dense_ms['token']:.2f} ms", flush=True)
     syncs = sync_check(model, keys, values, embeds, args)
     rows = []
@@ -320,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
-            "pinned_gbps": pinned, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
+            "pinned_gbps": pinned, "launch_us": launch, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
         }, indent=1))
     return 0
 

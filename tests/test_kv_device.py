@@ -168,8 +168,10 @@ def test_device_index_steps_never_read_the_device_back():
 
 # -- the device store, gather and attention ------------------------------------------------------------------
 
-def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from_the_ring():
-    """Oracle: element by element, the definition (host slot p below the split, ring slot p % W above)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from_the_ring(device):
+    """Oracle: element by element, the definition (host slot p below the split, ring slot p % W above).
+    On CUDA the host tier is pinned and read in place, and the position rows are a slice of a wider table."""
     from lfmsift.kernels.kv_gather import gather_positions
 
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +184,14 @@ def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from
     for h in range(heads):
         positions[h, : counts[h]] = torch.randperm(total, generator=gen)[: counts[h]].sort().values
     out = torch.full((2, heads, 45, dim), 9.0)
-    gather_positions(host, ring, split, positions, counts, out, out_offset=5)
+    if device == "cuda":
+        wide = torch.zeros(heads, 57, dtype=torch.int64, device=device)
+        wide[:, :40] = positions.to(device)
+        got = torch.full_like(out, 9.0, device=device)
+        gather_positions(host.pin_memory(), ring.to(device), split, wide[:, :40], counts.to(device), got, out_offset=5)
+        out = got.cpu()
+    else:
+        gather_positions(host, ring, split, positions, counts, out, out_offset=5)
     for h in range(heads):
         for i in range(int(counts[h])):
             p = int(positions[h, i])

@@ -134,7 +134,7 @@ def gather_positions_reference(host: torch.Tensor, ring: torch.Tensor, split: in
 if triton is not None:
 
     @triton.jit
-    def _gather_two_tier_kernel(host, ring, positions, counts, out, split, host_slots, ring_slots, capacity,
+    def _gather_two_tier_kernel(host, ring, positions, counts, out, split, host_slots, ring_slots, row_stride,
                                 out_slots, out_offset, HEADS: tl.constexpr, DIM: tl.constexpr,
                                 BLOCK_T: tl.constexpr):
         block = tl.program_id(0)
@@ -145,7 +145,7 @@ if triton is not None:
         if start < n:
             rows = start + tl.arange(0, BLOCK_T)
             valid = rows < n
-            pos = tl.load(positions + head.to(tl.int64) * capacity + rows, mask=valid, other=0)
+            pos = tl.load(positions + head.to(tl.int64) * row_stride + rows, mask=valid, other=0)
             old = valid & (pos < split)
             new = valid & (pos >= split)
             cols = tl.arange(0, DIM)
@@ -167,7 +167,8 @@ def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positio
     ``host`` (2, kv_heads, S, head_dim) holds position p at slot p (pinned host memory on CUDA: read in place
     over the link); ``ring`` (2, kv_heads, W, head_dim) on the device holds the recent positions, p at slot
     p % W. Positions below ``split`` come from the host, the others from the ring. ``positions`` (kv_heads,
-    capacity) with ``counts`` (kv_heads,) on the GPU as in ``gather_tokens``; row h's tokens land at
+    capacity) with ``counts`` (kv_heads,) on the GPU as in ``gather_tokens`` (rows may be strided, e.g. a
+    slice of a wider table); row h's tokens land at
     ``out[:, h, out_offset : out_offset + counts[h]]``. No host read; falls back to
     ``gather_positions_reference`` where Triton cannot run."""
     _check_two_tier(host, ring, positions, counts, out, out_offset)
@@ -176,9 +177,11 @@ def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positio
     _, heads, _, dim = ring.shape
     if dim & (dim - 1):
         raise ValueError(f"head_dim must be a power of two for the Triton gather, got {dim}")
+    if positions.stride(1) != 1:
+        raise ValueError("positions must be contiguous along its rows")
     capacity = positions.shape[1]
     grid = (triton.cdiv(max(capacity, 1), block_tokens), heads, 2)
     _gather_two_tier_kernel[grid](host, ring, positions, counts.to(torch.int32), out, split, host.shape[2],
-                                  ring.shape[2], capacity, out.shape[2], out_offset,
+                                  ring.shape[2], positions.stride(0), out.shape[2], out_offset,
                                   HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
     return out

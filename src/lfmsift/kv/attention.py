@@ -14,24 +14,33 @@ import torch
 import torch.nn.functional as F
 
 
-def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, group: int) -> torch.Tensor:
+def chunk_mask(start: int, length: int, tokens: int, group: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(group * tokens, length) bool: row ``g * tokens + t`` sees the chunk up to itself, ``[start, start + t]``."""
+    j = torch.arange(length, device=device)
+    t = (torch.arange(group * tokens, device=device) % tokens)[:, None]
+    return (j >= start) & (j - start <= t)
+
+
+def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, group: int,
+                  chunk: torch.Tensor | None = None) -> torch.Tensor:
     """(kv_heads, group * tokens, length) bool: row ``g * tokens + t`` of head h sees its selected past
-    ``[0, counts[h])`` and the chunk up to itself ``[start, start + t]``."""
+    ``[0, counts[h])`` and the chunk up to itself (``chunk``: ``chunk_mask``, when already built)."""
+    if chunk is None:
+        chunk = chunk_mask(start, length, tokens, group, counts.device)
     j = torch.arange(length, device=counts.device)
-    t = (torch.arange(group * tokens, device=counts.device) % tokens)[:, None]
-    chunk = (j >= start) & (j - start <= t)  # (rows, length)
-    return (j[None, None, :] < counts[:, None, None]) | chunk[None]
+    return (j < counts[:, None, None]) | chunk[None]
 
 
 def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
-                    scaling: float) -> torch.Tensor:
-    """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring.
+                    scaling: float, chunk: torch.Tensor | None = None) -> torch.Tensor:
+    """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring; ``chunk``: the
+    chunk's part of the mask (``chunk_mask``), shared by the layers of one chunk.
     Returns (tokens, heads, head_dim), the layout transformers' attention functions return."""
     heads, tokens, dim = query.shape
     kv_heads, length = buffer.shape[1], buffer.shape[2]
     group = heads // kv_heads
     q = query.reshape(kv_heads, 1, group * tokens, dim)
-    mask = gathered_mask(counts, start, length, tokens, group)[:, None]
+    mask = gathered_mask(counts, start, length, tokens, group, chunk)[:, None]
     out = F.scaled_dot_product_attention(q, buffer[0, :, None].to(q.dtype), buffer[1, :, None].to(q.dtype),
                                          attn_mask=mask, scale=scaling)
     return out.reshape(heads, tokens, dim).transpose(0, 1)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lfmsift.kv.attention import attend_gathered
+from lfmsift.kv.attention import attend_gathered, chunk_mask
 from lfmsift.kv.cache import FRAME, STAGES, StreamingKVCache, _Usage
 from lfmsift.kv.device_store import RingKVStore, RingLayerStore
 from lfmsift.kv.retriever import LayerIndex
@@ -92,16 +92,20 @@ class DeviceStreamingCache(StreamingKVCache):
             log.info("retriever %r has no device index: its index runs on the host in every layer",
                      self.retriever.name)
 
-        def zeros() -> torch.Tensor:
-            return torch.zeros(self.num_kv_heads, dtype=torch.float64, device=self.device)
-
-        self.usage = {stage: {layer: _Usage(zeros(), zeros()) for layer in self.full_layers} for stage in STAGES}
+        # Per stage and layer, summed over chunks on the device: (kv_heads, 3) selected frame tokens, selected
+        # offloaded frame tokens, selected offloaded tokens of any kind. Per stage on the host: chunks and
+        # past frame tokens counted, and (on the device) offloaded past frame tokens, the same for every layer.
+        self._selected = {stage: {layer: torch.zeros(self.num_kv_heads, 3, device=self.device)
+                                  for layer in self.full_layers} for stage in STAGES}
+        self._visited = {stage: {layer: None for layer in self.full_layers} for stage in STAGES}
+        self._counted = {stage: [0, 0] for stage in STAGES}  # chunks with past frames, their past frame tokens
+        self._offloaded = {stage: torch.zeros((), device=self.device) for stage in STAGES}
+        self._chunk: _ChunkState | None = None
         self._buffers = [torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
                          for _ in range(2)]
         self._side = torch.cuda.Stream(self.device) \
             if self.device.type == "cuda" and self.retriever.selection == "previous_layer" else None
         self.frames_seen = 0  # streamed (frame) tokens stored before the current chunk
-        self._fetched_tokens = torch.zeros((), dtype=torch.int64, device=self.device)  # (token, head) pairs
 
     # -- chunk protocol ------------------------------------------------------------------------------------
     def begin(self, kind: str, tokens: int | None = None) -> None:
@@ -111,11 +115,18 @@ class DeviceStreamingCache(StreamingKVCache):
             raise ValueError("the device streaming path needs the chunk's token count: begin(kind, tokens)")
         super().begin(kind, tokens)
         self.store.reserve(tokens)
-        length = _round_up(self.seen + tokens, _ALIGN)
+        past = self.seen
+        length = _round_up(past + tokens, _ALIGN)
         for i, buffer in enumerate(self._buffers):
             if buffer.shape[2] < length:
                 self._buffers[i] = torch.zeros(2, self.num_kv_heads, max(length, 2 * buffer.shape[2]), self.head_dim,
                                                dtype=self.dtype, device=self.device)
+        if self.store.layers:
+            self._chunk = _ChunkState.of(self.store[0], past, tokens, length)
+            if self.frames_seen:
+                self._counted[kind][0] += 1
+                self._counted[kind][1] += self.frames_seen
+                self._offloaded[kind] += self._chunk.columns[:, 1].sum()
 
     def end(self, tokens: int) -> None:
         if self.kind == FRAME:
@@ -175,21 +186,22 @@ class DeviceStreamingCache(StreamingKVCache):
         if self.trace is not None:
             self.trace.append((layer, self.kind, keep))
         buffer[:, :, past : past + tokens] = torch.stack([k, v]).to(buffer.dtype)
-        out = attend_gathered(q, buffer[:, :, : _round_up(past + tokens, _ALIGN)], counts, past, scaling)
-        self._record(layer, store, keep, past)
+        chunk = self._chunk
+        out = attend_gathered(q, buffer[:, :, : chunk.length], counts, past, scaling,
+                              chunk.attention_mask(q.shape[0] // self.num_kv_heads))
+        self._record(layer, keep)
         store.append(k, v, groups)
         return out[None]
 
     def _keep(self, store: RingLayerStore, clusters: torch.Tensor | None, past: int) -> torch.Tensor:
         """(kv_heads, past) bool: the past positions each KV head attends to (text always)."""
-        groups = store.groups[:past]
-        frame = groups >= 0
+        frame = self._chunk.frame
         if clusters is None:
             keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
         elif clusters.shape[1] == 0:
             keep = (~frame).expand(self.num_kv_heads, -1).clone()
         else:
-            keep = torch.where(frame[None, :], clusters[:, groups.clamp(min=0)], True)
+            keep = torch.where(frame, clusters.index_select(1, store.groups[:past].clamp(min=0)), True)
         first, recent = self.retriever.keep_first, self.retriever.keep_recent
         if self.frames_seen and (first or recent):
             order = frame.cumsum(0) - 1  # index of each streamed token in the stream
@@ -201,8 +213,8 @@ class DeviceStreamingCache(StreamingKVCache):
         """Positions of ``keep`` per head (ascending), gathered into buffer ``which``; returns it and the counts."""
         counts = keep.sum(1)
         rank = torch.where(keep, keep.cumsum(1) - 1, past)  # past: the discarded column
-        positions = torch.zeros(self.num_kv_heads, past + 1, dtype=torch.int64, device=self.device)
-        positions.scatter_(1, rank, torch.arange(past, device=self.device).expand(self.num_kv_heads, -1))
+        positions = torch.empty(self.num_kv_heads, past + 1, dtype=torch.int64, device=self.device)
+        positions.scatter_(1, rank, self._chunk.positions)
         buffer = self._buffers[which]
         gather_positions(store.host, store.ring, store.split, positions[:, :past], counts, buffer)
         return buffer, counts
@@ -236,32 +248,70 @@ class DeviceStreamingCache(StreamingKVCache):
         counts.record_stream(main)
         self._pending[layer] = (keep, buffer, counts, event)
 
-    def _record(self, layer: int, store: RingLayerStore, keep: torch.Tensor, past: int) -> None:
-        """Usage statistics on the device (read once, by ``stats``)."""
-        self._fetched_tokens += keep[:, : store.split].sum()
-        if not self.frames_seen:
-            return
-        frame = store.groups[:past] >= 0
-        offloaded = frame & (torch.arange(past, device=self.device) < store.split)
-        usage = self.usage[self.kind][layer]
-        usage.selected += (keep & frame).sum(1)
-        usage.available += self.frames_seen
-        usage.fetched += (keep & offloaded).sum(1)
-        usage.offloaded += offloaded.sum()
-        usage.chunks += 1
+    def _record(self, layer: int, keep: torch.Tensor) -> None:
+        """Usage statistics on the device (read once, by ``stats``): one product with the chunk's columns."""
+        self._selected[self.kind][layer] += keep.to(torch.float32) @ self._chunk.columns
         visited = self.indexes[layer].visited_fraction()
-        if visited is not None and self.retriever.selection == "same_layer":
-            usage.visited_sum = visited if usage.visited_sum is None else usage.visited_sum + visited
-            usage.visited_chunks += 1
+        if visited is not None and self.frames_seen and self.retriever.selection == "same_layer":
+            held = self._visited[self.kind][layer]
+            self._visited[self.kind][layer] = visited if held is None else held + visited
 
     # -- statistics ----------------------------------------------------------------------------------------
     def _stored_frame_tokens(self) -> int:
         return sum(int((s.groups[: s.tokens] >= 0).sum()) for s in self.store.layers)
 
+    def _usage_now(self) -> None:
+        """Fill the reference's per-layer ``_Usage`` records from the device counters (reads them)."""
+        kv = self.num_kv_heads
+        self.usage = {stage: {} for stage in STAGES}
+        for stage in STAGES:
+            chunks, frames = self._counted[stage]
+            offloaded = float(self._offloaded[stage])
+            for layer in self.full_layers:
+                counts = self._selected[stage][layer].double().cpu()
+                visited = self._visited[stage][layer]
+                self.usage[stage][layer] = _Usage(
+                    counts[:, 0], torch.full((kv,), float(frames), dtype=torch.float64), counts[:, 1],
+                    torch.full((kv,), offloaded, dtype=torch.float64), chunks,
+                    None if visited is None else visited.cpu(), chunks if visited is not None else 0)
+
+    def fetched_host_tokens(self) -> int:
+        """(token, KV head) pairs read from the host tier so far, every layer and stage (reads the device)."""
+        return int(sum(float(t[:, 2].sum()) for per_layer in self._selected.values() for t in per_layer.values()))
+
     def stats(self) -> dict:
+        self._usage_now()
         out = super().stats()
         out["path"] = "device"
         out["host_reads_in_layers"] = self.host_reads
         head_bytes = self.store.layers[0].token_bytes // self.num_kv_heads if self.store.layers else 0
-        out["store"]["moved_bytes"] = {"fetched_host": int(self._fetched_tokens) * head_bytes}
+        out["store"]["moved_bytes"] = {"fetched_host": self.fetched_host_tokens() * head_bytes}
         return out
+
+
+@dataclass
+class _ChunkState:
+    """What every layer of one chunk shares: the past's frame / offloaded masks as count columns, the
+    position list a selection scatters from, and the chunk's part of the attention mask."""
+
+    past: int
+    tokens: int
+    length: int
+    frame: torch.Tensor  # (past,) bool: streamed (frame) positions
+    columns: torch.Tensor  # (past, 3) fp32: frame, frame & offloaded, offloaded
+    positions: torch.Tensor  # (kv_heads, past) int64 view of arange(past)
+    _masks: dict
+
+    @classmethod
+    def of(cls, store: RingLayerStore, past: int, tokens: int, length: int) -> _ChunkState:
+        frame = store.groups[:past] >= 0
+        offloaded = torch.arange(past, device=frame.device) < store.split
+        columns = torch.stack([frame, frame & offloaded, offloaded], 1).to(torch.float32)
+        positions = torch.arange(past, device=frame.device).expand(store.num_kv_heads, -1)
+        return cls(past, tokens, length, frame, columns, positions, {})
+
+    def attention_mask(self, group: int) -> torch.Tensor:
+        """(group * tokens, length) bool: the rows' view of the chunk itself (causal), built once per chunk."""
+        if group not in self._masks:
+            self._masks[group] = chunk_mask(self.past, self.length, self.tokens, group, self.frame.device)
+        return self._masks[group]
