@@ -2,13 +2,15 @@
 
 The same rules as ``HashClusterTable`` (its docstring), a second implementation for the GPU path:
 
-- the table (founder hashes, per-KV-head mean keys, counts, newest member) lives in device tensors grown by
-  doubling; its true size is a device scalar, and the host keeps only an upper bound (the previous bound plus
-  the chunk's tokens), so growing and slicing never read the device;
-- distances of all the chunk's tokens to the old open clusters are one XOR + popcount over (tokens x bound),
-  the invalid and closed slots masked; ties go to the highest id, as in the reference;
+- the table (founder hash bits, per-KV-head key sums, counts, newest member) lives in device tensors grown
+  by doubling; its true size is a device scalar, and the host keeps only an upper bound (the previous bound
+  plus the chunk's tokens), so growing and slicing never read the device;
+- hashes are kept as 0/1 bit rows, so the Hamming distances of all the chunk's tokens to all clusters are
+  one matrix product (``|a| + |b| - 2 a.b``, exact in fp32), the closed slots masked; ties go to the
+  highest id, as in the reference;
 - the in-chunk walk (which tokens found a cluster) is ``kernels.cluster_walk.founders``; given the founders,
-  each token's cluster, the new hashes, the counts and the running means are vectorized;
+  each token's cluster, the founders' bits, the counts and the key sums are vectorized; a cluster's mean key
+  is its key sum over its count (the reference updates a running mean: the same value up to rounding);
 - a cluster is *open* while it has not been closed by ``close`` and, with a ``window``, while its newest
   member is among the last ``window`` stream positions (the recent KV cache kept on the device: the paper
   clusters "within the recent KV cache").
@@ -25,138 +27,163 @@ import torch
 
 from lfmsift.kernels.cluster_walk import founders
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD
-from lfmsift.kv.hashing import hamming
 
-_FAR = 1 << 30  # a distance no threshold reaches
+_FAR = float(1 << 20)  # a distance no threshold reaches
+_GONE = -(1 << 62)  # ``newest`` of an empty or closed slot: older than any window
 
 
-def _grown(t: torch.Tensor, needed: int, dim: int = 0) -> torch.Tensor:
-    """``t`` with at least ``needed`` entries along ``dim`` (capacity doubling, zero-filled)."""
+def _grown(t: torch.Tensor, needed: int, dim: int = 0, fill: float = 0) -> torch.Tensor:
+    """``t`` with at least ``needed`` entries along ``dim`` (capacity doubling, new entries ``fill``)."""
     if t.shape[dim] >= needed:
         return t
     shape = list(t.shape)
     shape[dim] = max(needed, 2 * shape[dim], 64)
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
+
+
+def unpack_bits(hashes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(tokens, bits) fp32 0/1 rows of packed int64 hashes (bit j of hash -> column j)."""
+    shifts = torch.arange(bits, device=hashes.device)
+    return ((hashes[:, None] >> shifts) & 1).to(torch.float32)
+
+
+def pack_bits(rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``unpack_bits``: (n, bits) 0/1 -> (n,) int64."""
+    weights = torch.pow(2, torch.arange(rows.shape[1], device=rows.device, dtype=torch.int64))
+    return (rows.to(torch.int64) * weights).sum(-1)
+
+
+def hamming_rows(a: torch.Tensor, a_ones: torch.Tensor, b: torch.Tensor, b_ones: torch.Tensor) -> torch.Tensor:
+    """(n, m) Hamming distances of 0/1 rows a (n, bits) and b (m, bits), with their bit counts, as one
+    product: |a| + |b| - 2 a.b (small integers: exact in fp32)."""
+    return torch.addmm(b_ones[None, :], a, b.T, alpha=-2.0) + a_ones[:, None]
 
 
 class DeviceClusterTable:
     """Clusters of one layer on ``device``: see the module docstring."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, threshold: int = DEFAULT_HAMMING_THRESHOLD,
-                 device: torch.device | str = "cpu", window: int | None = None) -> None:
+                 device: torch.device | str = "cpu", window: int | None = None, bits: int = 64) -> None:
         if threshold < 0:
             raise ValueError(f"Hamming threshold must be >= 0, got {threshold}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None, got {window}")
         self.num_kv_heads, self.head_dim, self.threshold, self.window = num_kv_heads, head_dim, threshold, window
+        self.bits = bits
         self.device = torch.device(device)
         self.bound = 0  # host-side upper bound of the number of clusters
         self.size = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0  # stream positions seen (the chunk's first position is the caller's)
-        self._hashes = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._means = torch.zeros(num_kv_heads, 0, head_dim, dtype=torch.float32, device=self.device)
-        self._counts = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._newest = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._closed = torch.zeros(0, dtype=torch.bool, device=self.device)
+        # One spare row past the capacity takes the writes of tokens that found nothing (see ``_update``).
+        self._bits = torch.zeros(1, bits, dtype=torch.float32, device=self.device)
+        self._ones = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._sums = torch.zeros(num_kv_heads, 1, head_dim, dtype=torch.float32, device=self.device)
+        self._counts = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._newest = torch.full((1,), _GONE, dtype=torch.int64, device=self.device)
         self._size_copy: tuple | None = None  # (event, pinned size, bound when copied) in flight
+        self._earlier: dict[int, torch.Tensor] = {}  # per chunk length: (T, T) strictly-lower-triangular mask
 
     # -- views over the first ``bound`` slots ----------------------------------------------------------------
     @property
     def valid(self) -> torch.Tensor:
         """(bound,) bool: the slots that hold clusters."""
-        return torch.arange(self.bound, device=self.device) < self.size
+        return self._counts[: self.bound] > 0
 
     @property
     def hashes(self) -> torch.Tensor:
-        return self._hashes[: self.bound]
+        """(bound,) int64 founder hashes (packed from the bit rows; 0 in empty slots)."""
+        return pack_bits(self._bits[: self.bound])
 
     @property
     def representatives(self) -> torch.Tensor:
-        """(num_kv_heads, bound, head_dim) fp32 mean post-RoPE key of each slot (0 in invalid slots)."""
-        return self._means[:, : self.bound]
+        """(num_kv_heads, bound, head_dim) fp32 mean post-RoPE key of each slot (0 in empty slots)."""
+        counts = self._counts[: self.bound].clamp(min=1).to(torch.float32)
+        return self._sums[:, : self.bound] / counts[None, :, None]
 
     @property
     def counts(self) -> torch.Tensor:
         return self._counts[: self.bound]
 
     def is_open(self, position: int | None = None) -> torch.Tensor:
-        """(bound,) bool: valid, not closed, and (with a window) with a member among the last ``window``
+        """(bound,) bool: not closed, not empty, and (with a window) with a member among the last ``window``
         positions before ``position`` (default: the positions seen)."""
         position = self.seen if position is None else position
-        open_ = self.valid & ~self._closed[: self.bound]
-        if self.window is not None:
-            open_ &= self._newest[: self.bound] >= position - self.window
-        return open_
+        lowest = _GONE // 2 if self.window is None else position - self.window
+        return self._newest[: self.bound] >= lowest
 
     # -- updates -------------------------------------------------------------------------------------------
     def assign(self, keys: torch.Tensor, hashes: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Cluster one chunk in order; return its tokens' cluster ids (tokens,) int64 on the device.
 
         keys: (num_kv_heads, tokens, head_dim) post-RoPE; hashes: (tokens,) int64 from ``hash_bits``;
-        ``position``: the stream position of the chunk's first token (default: the positions seen so far;
-        text chunks that are not clustered still advance it through ``advance``)."""
-        tokens = hashes.shape[0]
+        ``position``: the stream position of the chunk's first token (default: the positions seen so far)."""
+        return self.assign_bits(keys, unpack_bits(hashes.to(self.device), self.bits), position)
+
+    def assign_bits(self, keys: torch.Tensor, rows: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """``assign`` with the hashes as (tokens, bits) fp32 0/1 rows (what ``DeviceReSVIndex`` computes)."""
+        tokens = rows.shape[0]
         if keys.shape != (self.num_kv_heads, tokens, self.head_dim):
             raise ValueError(f"keys must be ({self.num_kv_heads}, {tokens}, {self.head_dim}), got {tuple(keys.shape)}")
+        if rows.shape[1] != self.bits:
+            raise ValueError(f"hash rows must have {self.bits} bits, got {rows.shape[1]}")
         position = self.seen if position is None else position
         self._tighten_bound()
-        hashes = hashes.to(self.device)
+        ones = rows.sum(1)
         arange_t = torch.arange(tokens, device=self.device)
         # Old open clusters: nearest distance and, among ties, the highest id.
         if self.bound:
-            d_old = hamming(hashes[:, None], self.hashes[None, :])
+            d_old = hamming_rows(rows, ones, self._bits[: self.bound], self._ones[: self.bound])
             d_old = torch.where(self.is_open(position)[None, :], d_old, _FAR)
             old_min = d_old.min(1).values
             ids = torch.arange(self.bound, device=self.device)
             old_arg = torch.where(d_old == old_min[:, None], ids, -1).max(1).values
         else:
-            old_min = torch.full((tokens,), _FAR, dtype=torch.int64, device=self.device)
+            old_min = torch.full((tokens,), _FAR, device=self.device)
             old_arg = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        d_in = hamming(hashes[:, None], hashes[None, :])
-        close = (d_in < self.threshold) & (arange_t[None, :] < arange_t[:, None])
+        d_in = hamming_rows(rows, ones, rows, ones)
+        close = (d_in < self.threshold) & self._earlier_mask(tokens)
         founder = founders(close, old_min >= self.threshold)
         # Nearest earlier founder (ties: the most recent) and each token's cluster.
         d_f = torch.where(close & founder[None, :], d_in, _FAR)
-        f_min = d_f.min(1).values if tokens else d_f.new_zeros(0)
-        f_arg = torch.where((d_f == f_min[:, None]) & (d_f < _FAR), arange_t, -1).max(1).values if tokens \
-            else f_min
+        if tokens:
+            f_min = d_f.min(1).values
+            f_arg = torch.where((d_f == f_min[:, None]) & (d_f < _FAR), arange_t, -1).max(1).values
+        else:
+            f_min = f_arg = d_f.new_zeros(0)
         new_id = self.size + founder.cumsum(0) - 1
-        join_old = old_min < torch.clamp(f_min, max=self.threshold)
-        cluster = torch.where(join_old, old_arg, torch.where(founder, new_id, new_id[f_arg.clamp(min=0)]))
-        self._update(cluster, keys, hashes, founder, position + arange_t, tokens)
+        join_old = old_min < torch.clamp(f_min, max=float(self.threshold))
+        cluster = torch.where(join_old, old_arg, torch.where(founder, new_id, new_id[f_arg.long().clamp(min=0)]))
+        self._update(cluster, keys, rows, ones, founder, new_id, position + arange_t, tokens)
         self.seen = max(self.seen, position + tokens)
         return cluster
 
-    def _update(self, cluster: torch.Tensor, keys: torch.Tensor, hashes: torch.Tensor, founder: torch.Tensor,
-                positions: torch.Tensor, tokens: int) -> None:
-        """Write the chunk's clusters: founders' hashes, counts, running means (the reference's arithmetic:
-        ``(mean * n_old + chunk_sum) / n_new``) and newest positions; grow the slots first."""
-        need = self.bound + tokens
-        self._hashes = _grown(self._hashes, need)
-        self._means = _grown(self._means, need, dim=1)
+    def _earlier_mask(self, tokens: int) -> torch.Tensor:
+        if tokens not in self._earlier:
+            self._earlier[tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=self.device).tril(-1)
+        return self._earlier[tokens]
+
+    def _update(self, cluster: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, ones: torch.Tensor,
+                founder: torch.Tensor, new_id: torch.Tensor, positions: torch.Tensor, tokens: int) -> None:
+        """Write the chunk: founders' bits, key sums, counts and newest positions (slots grown first, with a
+        spare row past the capacity for the writes of non-founders)."""
+        need = self.bound + tokens + 1
+        self._bits = _grown(self._bits, need)
+        self._ones = _grown(self._ones, need)
+        self._sums = _grown(self._sums, need, dim=1)
         self._counts = _grown(self._counts, need)
-        self._newest = _grown(self._newest, need)
-        self._closed = _grown(self._closed, need)
-        if tokens == 0:
-            return
-        first = (cluster[:, None] == cluster[None, :]).to(torch.int8).argmax(1)  # first member in the chunk
-        chunk_sum = torch.zeros(self.num_kv_heads, tokens, self.head_dim, dtype=torch.float32, device=self.device)
-        chunk_sum.index_add_(1, first, keys.to(self.device, torch.float32))
-        chunk_n = torch.zeros(tokens, dtype=torch.int64, device=self.device).index_add_(
-            0, first, torch.ones_like(first))
-        old_n = self._counts[cluster]
-        n_new = old_n + chunk_n[first]
-        means = (self._means[:, cluster] * old_n.to(torch.float32)[None, :, None] + chunk_sum[:, first]) \
-            / n_new.to(torch.float32)[None, :, None]
-        self._means[:, cluster] = means  # members of one cluster write the same value
-        self._counts[cluster] = n_new
-        is_new = cluster >= self.size
-        self._hashes[cluster] = torch.where(is_new, hashes[first], self._hashes[cluster])
-        self._newest.scatter_reduce_(0, cluster, positions, "amax")
-        self.size = self.size + founder.sum()
-        self.bound = need
+        self._newest = _grown(self._newest, need, fill=_GONE)
+        if tokens:
+            spare = self._bits.shape[0] - 1
+            slot = torch.where(founder, new_id, spare)
+            self._bits.index_copy_(0, slot, rows)
+            self._ones.index_copy_(0, slot, ones)
+            self._sums.index_add_(1, cluster, keys.to(self.device, torch.float32))
+            self._counts.index_add_(0, cluster, torch.ones_like(cluster))
+            self._newest.scatter_reduce_(0, cluster, positions, "amax")
+            self.size = self.size + founder.sum()
+        self.bound = need - 1
 
     def _tighten_bound(self) -> None:
         """Lower the bound to a size copied earlier plus what was assigned since (see the module docstring)."""
@@ -182,7 +209,7 @@ class DeviceClusterTable:
         """Mark clusters closed (they accept no new tokens); ``ids`` may live on any device."""
         ids = torch.as_tensor(ids, dtype=torch.int64).to(self.device)
         if ids.numel():
-            self._closed[ids] = True
+            self._newest[ids] = _GONE
 
     def sync_bound(self) -> int:
         """Read the true size (one host read) and make it the bound; returns it."""

@@ -26,16 +26,21 @@ class ReSVIndex(LayerIndex):
         self._key_count = 0
         self._rows: dict[str, dict] = {}  # per stage: WiCSum rows scored, and those with a sum <= 0
 
-    def hash_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """(tokens,) hash bits of a chunk's keys (num_kv_heads, tokens, head_dim), all KV heads concatenated
-        (with ``center_keys``: minus the running mean of the layer's keys, this chunk's included)."""
+    def hashed_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """(tokens, num_kv_heads * head_dim): what is hashed of a chunk's keys (num_kv_heads, tokens, head_dim),
+        all KV heads concatenated (with ``center_keys``: minus the running mean of the layer's keys, this
+        chunk's included)."""
         flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)  # per token, KV heads concatenated
         if self.config.center_keys:  # hash the keys' deviation from the running mean of this layer's keys
             total = self._key_sum.to(flat.device, torch.float32) + flat.float().sum(0)
             self._key_count += flat.shape[0]
             self._key_sum = total
             flat = flat.float() - total / self._key_count
-        return hash_bits(flat, self.planes)
+        return flat
+
+    def hash_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """(tokens,) packed hash bits of a chunk's keys (see ``hashed_keys``)."""
+        return hash_bits(self.hashed_keys(keys), self.planes)
 
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
         return self.table.assign(keys, self.hash_keys(keys))
@@ -77,11 +82,13 @@ class DeviceReSVIndex(ReSVIndex):
     def __init__(self, config: ReSV, layer: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  window: int | None = None) -> None:
         super().__init__(config, layer, num_kv_heads, head_dim, device)
-        self.table = DeviceClusterTable(num_kv_heads, head_dim, config.hamming_threshold, device, window)
+        self.table = DeviceClusterTable(num_kv_heads, head_dim, config.hamming_threshold, device, window,
+                                        bits=config.hash_bits)
         self._key_sum = self._key_sum.to(device)
 
     def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        return self.table.assign(keys, self.hash_keys(keys), position)
+        rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)  # the bits of ``hash_bits``
+        return self.table.assign_bits(keys, rows, position)
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         mask, self._visited = select_clusters(
