@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lfmsift.kernels.compiled import fused
+
 
 def chunk_mask(start: int, length: int, tokens: int, group: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(group * tokens, length) bool: row ``g * tokens + t`` sees the chunk up to itself, ``[start, start + t]``."""
@@ -31,6 +33,7 @@ def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, gr
     return (j < counts[:, None, None]) | chunk[None]
 
 
+@fused
 def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
                     scaling: float, chunk: torch.Tensor | None = None) -> torch.Tensor:
     """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring; ``chunk``: the

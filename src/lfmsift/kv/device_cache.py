@@ -36,6 +36,7 @@ from lfmsift.kv.attention import attend_gathered, chunk_mask
 from lfmsift.kv.cache import FRAME, STAGES, StreamingKVCache, _Usage
 from lfmsift.kv.device_store import RingKVStore, RingLayerStore
 from lfmsift.kv.retriever import LayerIndex
+from lfmsift.kernels.compiled import fused
 from lfmsift.kernels.kv_gather import gather_positions
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,35 @@ class HostIndexAdapter(LayerIndex):
 
     def stats(self, num_tokens: int, value_bytes: int = 2) -> dict:
         return self.index.stats(num_tokens, value_bytes)
+
+
+@fused
+def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
+                   frames: int) -> torch.Tensor:
+    """(kv_heads, past) bool: each past position's cluster selected (text positions always), plus the first
+    ``first`` and last ``recent`` of the ``frames`` streamed positions."""
+    keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
+    if first or recent:
+        order = frame.cumsum(0) - 1  # index of each streamed token in the stream
+        keep = keep | (frame & ((order < first) | (order >= frames - recent)))
+    return keep
+
+
+@fused
+def compact(keep: torch.Tensor, arange: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``keep`` (kv_heads, past): the kept positions in ascending order (then unused entries) and
+    their count. ``arange``: (kv_heads, past) view of ``arange(past)``."""
+    heads, past = keep.shape
+    rank = torch.where(keep, keep.cumsum(1) - 1, past)  # past: a discarded column
+    positions = torch.zeros(heads, past + 1, dtype=torch.int64, device=keep.device)
+    positions.scatter_(1, rank, arange)
+    return positions[:, :past].contiguous(), keep.sum(1)
+
+
+@fused
+def count_selected(total: torch.Tensor, keep: torch.Tensor, columns: torch.Tensor) -> None:
+    """``total`` (kv_heads, 3) += the kept positions counted against the chunk's columns (one product)."""
+    total += keep.to(torch.float32) @ columns
 
 
 def _round_up(n: int, k: int) -> int:
@@ -197,26 +227,18 @@ class DeviceStreamingCache(StreamingKVCache):
         """(kv_heads, past) bool: the past positions each KV head attends to (text always)."""
         frame = self._chunk.frame
         if clusters is None:
-            keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
-        elif clusters.shape[1] == 0:
-            keep = (~frame).expand(self.num_kv_heads, -1).clone()
-        else:
-            keep = torch.where(frame, clusters.index_select(1, store.groups[:past].clamp(min=0)), True)
-        first, recent = self.retriever.keep_first, self.retriever.keep_recent
-        if self.frames_seen and (first or recent):
-            order = frame.cumsum(0) - 1  # index of each streamed token in the stream
-            keep |= frame & ((order < first) | (order >= self.frames_seen - recent))
-        return keep
+            return torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
+        if clusters.shape[1] == 0:
+            return (~frame).expand(self.num_kv_heads, -1).clone()
+        return kept_positions(clusters, store.groups[:past], frame, self.retriever.keep_first,
+                              self.retriever.keep_recent, self.frames_seen)
 
     def _gather(self, which: int, store: RingLayerStore, keep: torch.Tensor, past: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of ``keep`` per head (ascending), gathered into buffer ``which``; returns it and the counts."""
-        counts = keep.sum(1)
-        rank = torch.where(keep, keep.cumsum(1) - 1, past)  # past: the discarded column
-        positions = torch.empty(self.num_kv_heads, past + 1, dtype=torch.int64, device=self.device)
-        positions.scatter_(1, rank, self._chunk.positions)
+        positions, counts = compact(keep, self._chunk.positions)
         buffer = self._buffers[which]
-        gather_positions(store.host, store.ring, store.split, positions[:, :past], counts, buffer)
+        gather_positions(store.host, store.ring, store.split, positions, counts, buffer)
         return buffer, counts
 
     def _prefetched(self, layer: int, slot: int, store: RingLayerStore, past: int):
@@ -250,7 +272,7 @@ class DeviceStreamingCache(StreamingKVCache):
 
     def _record(self, layer: int, keep: torch.Tensor) -> None:
         """Usage statistics on the device (read once, by ``stats``): one product with the chunk's columns."""
-        self._selected[self.kind][layer] += keep.to(torch.float32) @ self._chunk.columns
+        count_selected(self._selected[self.kind][layer], keep, self._chunk.columns)
         visited = self.indexes[layer].visited_fraction()
         if visited is not None and self.frames_seen and self.retriever.selection == "same_layer":
             held = self._visited[self.kind][layer]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from lfmsift.kernels.cluster_walk import founders
+from lfmsift.kernels.compiled import fused
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD
 
 _FAR = float(1 << 20)  # a distance no threshold reaches
@@ -61,6 +62,51 @@ def hamming_rows(a: torch.Tensor, a_ones: torch.Tensor, b: torch.Tensor, b_ones:
     return torch.addmm(b_ones[None, :], a, b.T, alpha=-2.0) + a_ones[:, None]
 
 
+@fused
+def nearest_open(rows: torch.Tensor, bits: torch.Tensor, ones: torch.Tensor, newest: torch.Tensor, lowest: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each token (0/1 ``rows``): the distance to the nearest open cluster (newest member at or after
+    ``lowest``; ``_FAR`` if none) and, among the nearest, the highest id."""
+    d = hamming_rows(rows, rows.sum(1), bits, ones)
+    d = torch.where((newest >= lowest)[None, :], d, _FAR)
+    d_min = d.min(1).values
+    ids = torch.arange(bits.shape[0], device=rows.device)
+    return d_min, torch.where(d == d_min[:, None], ids, -1).max(1).values
+
+
+@fused
+def within_chunk(rows: torch.Tensor, earlier: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances between the chunk's tokens and ``close[t, f]``: f is earlier than t and within the threshold."""
+    ones = rows.sum(1)
+    d = hamming_rows(rows, ones, rows, ones)
+    return d, (d < threshold) & earlier
+
+
+@fused
+def assign_and_write(d_in: torch.Tensor, close: torch.Tensor, founder: torch.Tensor, old_min: torch.Tensor,
+                     old_arg: torch.Tensor, size: torch.Tensor, threshold: float, rows: torch.Tensor,
+                     keys: torch.Tensor, position: int, bits: torch.Tensor, ones: torch.Tensor, sums: torch.Tensor,
+                     counts: torch.Tensor, newest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's cluster given the founders (the nearest earlier founder, ties to the most recent; an old
+    cluster only when strictly closer), then the table writes: founders' bits in their new slots (the
+    others' into the spare last slot), key sums, counts, newest positions. Returns (clusters, new size)."""
+    tokens = rows.shape[0]
+    arange_t = torch.arange(tokens, device=rows.device)
+    d_f = torch.where(close & founder[None, :], d_in, _FAR)
+    f_min = d_f.min(1).values
+    f_arg = torch.where((d_f == f_min[:, None]) & (d_f < _FAR), arange_t, -1).max(1).values
+    new_id = size + founder.cumsum(0) - 1
+    join_old = old_min < torch.clamp(f_min, max=threshold)
+    cluster = torch.where(join_old, old_arg, torch.where(founder, new_id, new_id[f_arg.clamp(min=0)]))
+    slot = torch.where(founder, new_id, bits.shape[0] - 1)
+    bits.index_copy_(0, slot, rows)
+    ones.index_copy_(0, slot, rows.sum(1))
+    sums.index_add_(1, cluster, keys)
+    counts.index_add_(0, cluster, torch.ones_like(cluster))
+    newest.scatter_reduce_(0, cluster, position + arange_t, "amax")
+    return cluster, size + founder.sum()
+
+
 class DeviceClusterTable:
     """Clusters of one layer on ``device``: see the module docstring."""
 
@@ -76,7 +122,7 @@ class DeviceClusterTable:
         self.bound = 0  # host-side upper bound of the number of clusters
         self.size = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0  # stream positions seen (the chunk's first position is the caller's)
-        # One spare row past the capacity takes the writes of tokens that found nothing (see ``_update``).
+        # One spare row past the capacity takes the writes of tokens that found nothing (``assign_and_write``).
         self._bits = torch.zeros(1, bits, dtype=torch.float32, device=self.device)
         self._ones = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._sums = torch.zeros(num_kv_heads, 1, head_dim, dtype=torch.float32, device=self.device)
@@ -130,32 +176,23 @@ class DeviceClusterTable:
             raise ValueError(f"hash rows must have {self.bits} bits, got {rows.shape[1]}")
         position = self.seen if position is None else position
         self._tighten_bound()
-        ones = rows.sum(1)
-        arange_t = torch.arange(tokens, device=self.device)
-        # Old open clusters: nearest distance and, among ties, the highest id.
+        lowest = _GONE // 2 if self.window is None else position - self.window
         if self.bound:
-            d_old = hamming_rows(rows, ones, self._bits[: self.bound], self._ones[: self.bound])
-            d_old = torch.where(self.is_open(position)[None, :], d_old, _FAR)
-            old_min = d_old.min(1).values
-            ids = torch.arange(self.bound, device=self.device)
-            old_arg = torch.where(d_old == old_min[:, None], ids, -1).max(1).values
+            old_min, old_arg = nearest_open(rows, self._bits[: self.bound], self._ones[: self.bound],
+                                            self._newest[: self.bound], lowest)
         else:
             old_min = torch.full((tokens,), _FAR, device=self.device)
             old_arg = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        d_in = hamming_rows(rows, ones, rows, ones)
-        close = (d_in < self.threshold) & self._earlier_mask(tokens)
+        d_in, close = within_chunk(rows, self._earlier_mask(tokens), float(self.threshold))
         founder = founders(close, old_min >= self.threshold)
-        # Nearest earlier founder (ties: the most recent) and each token's cluster.
-        d_f = torch.where(close & founder[None, :], d_in, _FAR)
+        self._grow(self.bound + tokens + 1)
+        cluster = torch.zeros(0, dtype=torch.int64, device=self.device)
         if tokens:
-            f_min = d_f.min(1).values
-            f_arg = torch.where((d_f == f_min[:, None]) & (d_f < _FAR), arange_t, -1).max(1).values
-        else:
-            f_min = f_arg = d_f.new_zeros(0)
-        new_id = self.size + founder.cumsum(0) - 1
-        join_old = old_min < torch.clamp(f_min, max=float(self.threshold))
-        cluster = torch.where(join_old, old_arg, torch.where(founder, new_id, new_id[f_arg.long().clamp(min=0)]))
-        self._update(cluster, keys, rows, ones, founder, new_id, position + arange_t, tokens)
+            cluster, self.size = assign_and_write(
+                d_in, close, founder, old_min, old_arg, self.size, float(self.threshold), rows,
+                keys.to(self.device, torch.float32), position, self._bits, self._ones, self._sums, self._counts,
+                self._newest)
+        self.bound += tokens
         self.seen = max(self.seen, position + tokens)
         return cluster
 
@@ -164,26 +201,13 @@ class DeviceClusterTable:
             self._earlier[tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=self.device).tril(-1)
         return self._earlier[tokens]
 
-    def _update(self, cluster: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, ones: torch.Tensor,
-                founder: torch.Tensor, new_id: torch.Tensor, positions: torch.Tensor, tokens: int) -> None:
-        """Write the chunk: founders' bits, key sums, counts and newest positions (slots grown first, with a
-        spare row past the capacity for the writes of non-founders)."""
-        need = self.bound + tokens + 1
+    def _grow(self, need: int) -> None:
+        """Slots for ``need`` clusters, the last one spare: it takes the writes of tokens that found nothing."""
         self._bits = _grown(self._bits, need)
         self._ones = _grown(self._ones, need)
         self._sums = _grown(self._sums, need, dim=1)
         self._counts = _grown(self._counts, need)
         self._newest = _grown(self._newest, need, fill=_GONE)
-        if tokens:
-            spare = self._bits.shape[0] - 1
-            slot = torch.where(founder, new_id, spare)
-            self._bits.index_copy_(0, slot, rows)
-            self._ones.index_copy_(0, slot, ones)
-            self._sums.index_add_(1, cluster, keys.to(self.device, torch.float32))
-            self._counts.index_add_(0, cluster, torch.ones_like(cluster))
-            self._newest.scatter_reduce_(0, cluster, positions, "amax")
-            self.size = self.size + founder.sum()
-        self.bound = need - 1
 
     def _tighten_bound(self) -> None:
         """Lower the bound to a size copied earlier plus what was assigned since (see the module docstring)."""

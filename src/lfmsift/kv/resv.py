@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from lfmsift.kernels.compiled import fused
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD, HashClusterTable
 from lfmsift.kv.device_clusters import DeviceClusterTable
 from lfmsift.kv.hashing import DEFAULT_HASH_BITS, hash_bits, hyperplanes
@@ -73,6 +74,17 @@ class ReSVIndex(LayerIndex):
         }
 
 
+@fused
+def device_select(queries: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, ratio: float, buckets: int | None,
+                  score_mode: str, nonpositive: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``select_clusters`` over a padded table of key sums and counts (empty slots: count 0); returns the
+    mask, the visited fraction and how many WiCSum rows had a weighted sum <= 0."""
+    means = sums / counts.clamp(min=1).to(sums.dtype)[None, :, None]
+    report: dict = {}
+    mask, visited = select_clusters(queries, means, counts, ratio, buckets, score_mode, nonpositive, report, counts > 0)
+    return mask, visited, report.get("nonpositive", torch.zeros((), dtype=torch.int64, device=queries.device))
+
+
 class DeviceReSVIndex(ReSVIndex):
     """The same rules on the compute device with no host read (the GPU streaming path): a
     ``DeviceClusterTable`` whose open clusters are those with a member among the last ``window`` stream
@@ -91,10 +103,12 @@ class DeviceReSVIndex(ReSVIndex):
         return self.table.assign_bits(keys, rows, position)
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
-        mask, self._visited = select_clusters(
-            queries, self.table.representatives, self.table.counts, self.config.ratio, self.config.buckets,
-            self.config.score_mode, self.config.nonpositive, self._rows.setdefault(stage, {}), self.table.valid,
-        )
+        table, c = self.table, self.config
+        mask, self._visited, nonpositive = device_select(queries, table._sums[:, : table.bound], table.counts, c.ratio,
+                                                         c.buckets, c.score_mode, c.nonpositive)
+        rows = self._rows.setdefault(stage, {})
+        rows["rows"] = rows.get("rows", 0) + queries.shape[0] * queries.shape[1]
+        rows["nonpositive"] = rows.get("nonpositive", 0) + nonpositive
         return mask
 
     def cluster_count(self) -> int:
