@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pinned host-to-device {pinned:.1f} GB/s; {launch:.1f} us per kernel launch; dense forward with no past: frame {dense_ms['frame']:.2f} ms, "
           f"token {dense_ms['token']:.2f} ms", flush=True)
     syncs = sync_check(model, keys, values, embeds, args)
-    rows = []
+    rows: list[dict] = []
     for spec in args.methods.split(","):
         method, _, selection = spec.partition(":")
         selection = selection or "same_layer"
@@ -330,21 +330,25 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args, dense_ms,
                             pinned, method, selection, mode)
-    # Speedups against full fetch at the same cache length.
+            if args.json:  # after every method, so that a run cut short keeps what it measured
+                write(args.json, rows, argv, pinned, launch, dense_ms, syncs)
+    return 0
+
+
+def write(path: Path, rows: list[dict], argv, pinned: float, launch: float, dense_ms: dict, syncs: dict) -> None:
+    """The JSON record, with each row's speedups against full fetch at the same cache length."""
     full = {r["cache_tokens"]: r for r in rows if r["method"] == "full"}
     for r in rows:
         base = full.get(r["cache_tokens"])
         if base:
             r["frame_speedup_vs_full"] = base["frame_ms"] / r["frame_ms"]
             r["tpot_speedup_vs_full"] = base["tpot_ms"] / r["tpot_ms"]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
-            "pinned_gbps": pinned, "launch_us": launch, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
-        }, indent=1))
-    return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "pinned_gbps": pinned, "launch_us": launch, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
+    }, indent=1))
 
 
 if __name__ == "__main__":

@@ -131,3 +131,29 @@ def test_smolvlm_around_smollm2_matches_it_on_text_and_streams_real_frames(smoll
     assert tokens == [16 + 3] * 3  # 256 px, patch 16, pixel shuffle 4: 16 image tokens + 3 wrapper tokens
     assert stats["session"]["frames"] == 3 and answer.token_ids
     assert 0 < stats["frame_stage"]["retrieval_ratio"] <= 1
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("options", [{"buckets": 20}, {"selection": "previous_layer", "nonpositive": "shifted"}])
+def test_device_path_selects_the_reference_tokens_on_a_real_model_stream(smollm2, data_dir, options):
+    """The device streaming path (run here on the CPU, eagerly) against the reference cache on SmolLM2 and
+    WikiText-2: the same tokens per layer, KV head and chunk, the same greedy answer."""
+    from lfmsift.kv import ReSV
+
+    model, tok = smollm2
+    text = (data_dir / "text" / "wikitext2_test.txt").read_text()[:2000]
+    results = {}
+    for path in ("reference", "device"):
+        with StreamingSession(model, tok, retriever=ReSV(**options), cache_path=path) as session:
+            session.cache.trace = []
+            for i in range(0, len(text), 400):
+                session.feed(text[i : i + 400])
+            answer = session.ask("What is this about?", max_new_tokens=6)
+            results[path] = (session.cache.trace, answer.token_ids, session.stats())
+    (want_trace, want_ids, want_stats), (trace, ids, stats) = results["reference"], results["device"]
+    assert stats["path"] == "device" and len(trace) == len(want_trace)
+    for (layer, stage, keep), (want_layer, want_stage, want_keep) in zip(trace, want_trace):
+        assert (layer, stage) == (want_layer, want_stage) and torch.equal(keep.cpu(), want_keep)
+    assert ids == want_ids
+    assert stats["frame_stage"]["retrieval_ratio"] == pytest.approx(want_stats["frame_stage"]["retrieval_ratio"])
+    assert 0 < stats["frame_stage"]["retrieval_ratio"] < 1

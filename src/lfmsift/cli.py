@@ -358,6 +358,9 @@ def stream(
     disk_dir: Optional[Path] = typer.Option(None, help="Where the disk tier lives (default: a temporary directory)."),
     dtype: str = typer.Option("float32", help="float32, bf16 or fp16."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    cache_path: str = typer.Option("auto", help="KV cache implementation: auto (device on CUDA unless a disk "
+                                                "tier is asked for), device (no host read inside a layer) or "
+                                                "reference (the oracle; any device, disk tier)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write answers and statistics as JSON."),
 ) -> None:
     """Stream a video (or a long text) into a model with a tiered, retrieved KV cache, then ask questions."""
@@ -385,7 +388,11 @@ def stream(
     except Exception as exc:
         _fail(exc)
     answers = []
-    with StreamingSession(model_obj, processor, retriever=chosen, budget=budget) as session:
+    try:
+        session = StreamingSession(model_obj, processor, retriever=chosen, budget=budget, cache_path=cache_path)
+    except Exception as exc:
+        _fail(exc)
+    with session:
         try:
             if is_text:
                 tok = session.tokenizer
@@ -437,9 +444,11 @@ def _print_stream_stats(stats: dict) -> None:
         budget = store["budget_bytes"][tier]
         table.add_row(f"{tier} bytes (peak / budget)", f"{store['bytes'][tier]:,} ({store['peak_bytes'][tier]:,} / "
                       f"{'unlimited' if budget is None else f'{budget:,}'})")
-    moved = store["moved_bytes"]
+    moved, runs = store["moved_bytes"], store["runs_fetched"]
     table.add_row("fetched from host / disk", f"{moved['fetched_host']:,} / {moved['fetched_disk']:,} bytes")
-    table.add_row("runs fetched host / disk", f"{store['runs_fetched']['host']:,} / {store['runs_fetched']['disk']:,}")
+    if runs["host"] is not None:
+        table.add_row("runs fetched host / disk", f"{runs['host']:,} / {runs['disk']:,}")
+    table.add_row("cache path", stats.get("path", "reference"))
     console.print(table)
 
 

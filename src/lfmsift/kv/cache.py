@@ -423,14 +423,15 @@ CACHE_PATHS = ("auto", "reference", "device")
 def build_cache(view: ModelView, retriever: Retriever, budget: TierBudget | None = None,
                 path: str = "auto") -> StreamingKVCache:
     """A (not installed) streaming cache. ``path``: ``reference`` (this module: the oracle, runs anywhere,
-    disk tier included), ``device`` (``lfmsift.kv.device_cache``: no host read inside a layer) or ``auto``
-    (device on CUDA, reference elsewhere)."""
+    disk tier included), ``device`` (``lfmsift.kv.device_cache``: no host read inside a layer, batch 1, no
+    disk tier) or ``auto`` (device on CUDA unless the budget asks for a disk tier, reference elsewhere)."""
     if path not in CACHE_PATHS:
         raise ValueError(f"cache path must be one of {CACHE_PATHS}, got {path!r}")
     budget = budget or TierBudget()
     param = next(view.language_model.parameters())
     if path == "auto":
-        path = "device" if param.device.type == "cuda" else "reference"
+        disk = budget.disk_bytes is not None or budget.disk_dir is not None
+        path = "device" if param.device.type == "cuda" and not disk else "reference"
     if path == "reference":
         return StreamingKVCache(view, retriever, budget)
     from lfmsift.kv.device_cache import DeviceStreamingCache

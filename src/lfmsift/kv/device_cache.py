@@ -307,7 +307,7 @@ class DeviceStreamingCache(StreamingKVCache):
         out["path"] = "device"
         out["host_reads_in_layers"] = self.host_reads
         head_bytes = self.store.layers[0].token_bytes // self.num_kv_heads if self.store.layers else 0
-        out["store"]["moved_bytes"] = {"fetched_host": self.fetched_host_tokens() * head_bytes}
+        out["store"]["moved_bytes"]["fetched_host"] = self.fetched_host_tokens() * head_bytes
         return out
 
 

@@ -148,8 +148,15 @@ class RingKVStore:
             store.ring = store.host = store.groups = None
 
     def stats(self) -> dict:
+        """Bytes per tier now and at their peak (the tiers only grow, so the peak is the present), bytes
+        written to the host tier; what was fetched is counted on the device by the cache."""
         held = [s.bytes_in() for s in self.layers]
+        now = {tier: sum(h[tier] for h in held) for tier in ("device", "host")} | {"disk": 0}
+        written = sum(s.tokens * s.token_bytes for s in self.layers if s.window is not None)
         return {
             "budget_bytes": {"device": self.budget.device_bytes, "host": self.budget.host_bytes, "disk": None},
-            "bytes": {tier: sum(h[tier] for h in held) for tier in ("device", "host")} | {"disk": 0},
+            "bytes": now,
+            "peak_bytes": dict(now),
+            "moved_bytes": {"fetched_host": 0, "fetched_disk": 0, "offloaded_host": written, "spilled_disk": 0},
+            "runs_fetched": {"host": None, "disk": None},  # runs are not counted on the device path
         }

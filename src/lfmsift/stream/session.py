@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lfmsift.kv.cache import FRAME, TEXT, StreamingKVCache, install, uninstall
+from lfmsift.kv.cache import FRAME, TEXT, build_cache, install, uninstall
 from lfmsift.kv.retriever import Retriever, get_retriever
 from lfmsift.kv.store import TierBudget
 from lfmsift.models.adapters import describe
@@ -73,7 +73,7 @@ class StreamingSession:
     """Stream frames or text chunks into ``model``; ask questions over the retrieved KV cache.
 
     ``retriever``: a ``Retriever`` or a registered name (``"resv"``, ``"full"``); ``budget``: byte budgets
-    of the KV tiers; ``frame_text``: the text a VLM processor expands into one frame's image tokens.
+    of the KV tiers; ``cache_path``: ``auto`` / ``device`` / ``reference`` (``lfmsift.kv.cache.build_cache``); ``frame_text``: the text a VLM processor expands into one frame's image tokens.
     Use as a context manager (or call ``close()``) to restore the model's attention and drop disk files.
     """
 
@@ -84,6 +84,7 @@ class StreamingSession:
     system_prompt: str | None = None
     frame_text: str = "<image>"
     chat: bool = True
+    cache_path: str = "auto"
     frames_fed: int = field(default=0, init=False)
     chunks_fed: int = field(default=0, init=False)
     text_tokens: int = field(default=0, init=False)
@@ -94,7 +95,7 @@ class StreamingSession:
             self.retriever = get_retriever(self.retriever)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.view = describe(self.model)
-        self.cache = StreamingKVCache(self.view, self.retriever, self.budget or TierBudget())
+        self.cache = build_cache(self.view, self.retriever, self.budget or TierBudget(), self.cache_path)
         install(self.cache)
         self.parts = chat_parts(self.tokenizer, self.system_prompt) if self.chat else _plain_parts(self.system_prompt)
         self._started = False
