@@ -4,7 +4,8 @@ A random-weight model of Llama-3-8B's shapes (32 layers, 32 query / 8 KV heads o
 cuts it) streams frames of ``--frame-tokens`` tokens (11, as in VideoLLM-online) whose input embeddings
 drift slowly from frame to frame, so that keys cluster as video keys do. The cache is built once per method
 by a dense prefill of the same stream (sdpa, chunks of 4K tokens) whose K/V enter the streaming cache chunk
-by chunk (``DeviceStreamingCache.add_chunk``: clustered, stored) up to each cache length of ``--caches``;
+by chunk (``DeviceStreamingCache.add_chunk``: clustered, stored; ``--load-chunk`` tokens at a time) up to
+each cache length of ``--caches``;
 there ``--frames`` frames are streamed and timed, then a question of ``--question`` tokens and ``--decode``
 greedy steps (time per output token). The device keeps a ring of ``--window`` recent tokens per layer;
 every older token lives in pinned host memory and is read over the link when selected.
@@ -176,7 +177,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
         next_embed = max(args.caches) + 64
         for target in args.caches:
             while loaded < target:
-                n = min(args.frame_tokens, target - loaded)
+                n = min(args.load_chunk, target - loaded)
                 cache.add_chunk([k[:, loaded : loaded + n] for k in keys], [v[:, loaded : loaded + n] for v in values])
                 loaded += n
             for index in cache.indexes.values():  # the bound of the index's table, read outside the timed steps
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caches", default="1024,5120,10240,20480,40960")
     parser.add_argument("--frame-tokens", type=int, default=11)
     parser.add_argument("--window", type=int, default=2048, help="recent tokens per layer kept on the device")
+    parser.add_argument("--load-chunk", type=int, default=11,
+                        help="tokens per chunk when the prefill's K/V enter the cache (frames: --frame-tokens; "
+                             "larger chunks build long caches faster and cluster them slightly differently)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--question", type=int, default=16)
     parser.add_argument("--decode", type=int, default=8)
