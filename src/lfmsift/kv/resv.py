@@ -178,9 +178,10 @@ class ReSVShifted(ReSV):
     """ReSV whose WiCSum rows with a weighted raw-score sum <= 0 are scored from their minimum instead of
     taking only their top cluster (``nonpositive="shifted"``); everything else is the paper's rule.
 
-    On SmolLM2-135M and the SmolVLM-architecture model 88-95% of WiCSum rows have a non-positive weighted
-    sum (keys share a large common direction whose product with the query is mostly negative), so the
-    literal rule attends to about one cluster per row and KV head and loses the stream's content. This is
+    On the small models here most WiCSum rows have a non-positive weighted sum (keys share a large common
+    direction whose product with the query is mostly negative; the share is in each run's statistics,
+    ``index.nonpositive_rows``), so the literal rule attends to about one cluster per row and KV head and
+    loses the stream's content. This is
     the one-option change of the ablation (``lfmsift kv-eval --ablation``) that kept the needle; its
     numbers (``results/kv_ablation_smollm2-135m.json``) and the readings that did not are in docs/results.md.
     """
