@@ -126,6 +126,21 @@ def link_gbps() -> float:
     return host.numel() / best / 1e9
 
 
+def hbm_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written, best of 5 copies of 2 GiB)."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * (2 << 30) / best / 1e9
+
+
 def timed(fn, host: list | None = None) -> float:
     """Milliseconds of ``fn`` on the GPU (CUDA events); ``host`` gets the milliseconds the host took to issue
     it (close to the GPU time when the step is bound by launches, not by the device)."""
@@ -225,8 +240,8 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             t_ms = statistics.median(tpot)
             f_bytes = statistics.mean(frame_bytes)
             t_bytes = statistics.mean(token_bytes_moved)
-            limit = f_bytes / (pinned * 1e9) * 1e3 + dense_ms["frame"]
-            t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["token"]
+            limit = f_bytes / (pinned * 1e9) * 1e3 + dense_ms["weights"]
+            t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["weights"]
             row = {
                 "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
                 "batch": 1, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
@@ -323,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         dense_ms = {"frame": statistics.median(timed(lambda: model(inputs_embeds=frame, logits_to_keep=1))
                                                for _ in range(10)),
                     "token": statistics.median(timed(lambda: model(inputs_embeds=frame[:, :1])) for _ in range(10))}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes -= model.model.embed_tokens.weight.numel() * 2  # an embedding lookup reads a few rows
+    hbm = hbm_gbps()
+    dense_ms["weights"] = weight_bytes / (hbm * 1e9) * 1e3
+    print(f"weights read {weight_bytes / 1e9:.2f} GB at {hbm:.0f} GB/s: {dense_ms['weights']:.2f} ms")
     print(f"pinned host-to-device {pinned:.1f} GB/s; {launch:.1f} us per kernel launch; dense forward with no past: frame {dense_ms['frame']:.2f} ms, "
           f"token {dense_ms['token']:.2f} ms", flush=True)
     syncs = sync_check(model, keys, values, embeds, args)
