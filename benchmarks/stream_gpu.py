@@ -19,8 +19,9 @@ ratios, so that the system is measured apart from what random weights select).
 
 Per row: frame latency and FPS, time per output token, bytes fetched from the host per frame and per output
 token, the achieved host-to-device rate, the bytes limit (fetched bytes / measured pinned host-to-device
-bandwidth + the measured dense forward of one frame with no past, i.e. the weights and compute floor) and
-the share of it reached. A one-frame check under CUDA's sync debug mode counts host synchronisations.
+bandwidth + the weights' bytes / measured device copy bandwidth) and the share of it reached; beside it the
+measured forward of one frame with no past (transformers' eager model: what the host needs to issue it).
+A one-frame check under CUDA's sync debug mode counts host synchronisations.
 
     python benchmarks/stream_gpu.py --json results/stream_gpu_h200.json      (on a CUDA machine)
 """
