@@ -42,7 +42,7 @@ from lfmsift.kv import TierBudget, get_retriever
 from lfmsift.kv.cache import FRAME, TEXT, install, uninstall
 from lfmsift.kv.device_cache import DeviceStreamingCache
 from lfmsift.kv.resv import DeviceReSVIndex, ReSV
-from lfmsift.models.adapters import describe
+from lfmsift.models.adapters import cache_argument, describe
 
 PAPER_RATIOS = {FRAME: 0.327, TEXT: 0.025}  # V-Rex Table II: ReSV's retrieval ratios, frame / text stage
 
@@ -107,7 +107,7 @@ def dense_prefill(model, embeds: torch.Tensor, chunk: int = 4096) -> tuple[list[
 
     cache = DynamicCache(config=model.config)
     for start in range(0, embeds.shape[1], chunk):
-        model.model(inputs_embeds=embeds[:, start : start + chunk], past_key_values=cache, use_cache=True)
+        model.model(inputs_embeds=embeds[:, start : start + chunk], **cache_argument(model, cache), use_cache=True)
     keys = [layer.keys[0] for layer in cache.layers]
     values = [layer.values[0] for layer in cache.layers]
     return keys, values
@@ -207,7 +207,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
 
                 def step(chunk=chunk):
                     cache.begin(FRAME, chunk.shape[1])
-                    model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
                     cache.end(chunk.shape[1])
 
                 host = []
@@ -218,7 +218,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                     frame_bytes.append((cache.fetched_host_tokens() - before) * per_head)
             question = torch.randint(0, cfg.vocab_size, (1, args.question), generator=gen).cuda()
             cache.begin(TEXT, question.shape[1])
-            logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=question, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits
             cache.end(question.shape[1])
             token = logits[:, -1].argmax(-1, keepdim=True)
             tpot, token_bytes_moved = [], []
@@ -228,7 +228,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
 
                 def decode(token=token, out=out):
                     cache.begin(TEXT, 1)
-                    out["logits"] = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+                    out["logits"] = model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits
                     cache.end(1)
 
                 ms = timed(decode)
@@ -282,7 +282,7 @@ def sync_check(model, keys, values, embeds, args) -> dict:
             chunk = embeds[:, n : n + args.frame_tokens]
             for _ in range(2):  # warm up
                 cache.begin(FRAME, chunk.shape[1])
-                model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
                 cache.end(chunk.shape[1])
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
@@ -290,7 +290,7 @@ def sync_check(model, keys, values, embeds, args) -> dict:
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     cache.begin(FRAME, chunk.shape[1])
-                    model(inputs_embeds=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
                     cache.end(chunk.shape[1])
                 finally:
                     torch.cuda.set_sync_debug_mode("default")

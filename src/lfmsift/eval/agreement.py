@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lfmsift.eval.perplexity import make_windows, resolve_bos, tokenize_text
+from lfmsift.models.adapters import cache_argument
 
 
 @dataclass
@@ -62,7 +63,7 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int, batch_size: int = 8) -
             tokens.append(nxt)
             if len(tokens) == new_tokens:
                 break
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_argument(model, cache), use_cache=True)
             cache = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         outs.append(torch.cat(tokens, dim=1).cpu())

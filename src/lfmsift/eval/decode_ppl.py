@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lfmsift.eval.perplexity import resolve_bos, score_batches, tokenize_text
+from lfmsift.models.adapters import cache_argument
 
 
 @dataclass
@@ -65,7 +66,7 @@ def decode_nll(model, batch: torch.Tensor, prompt_len: int, bos_id: int | None) 
     steps = batch.shape[1] - prompt_len - 1
     for j in range(steps):
         fed = batch[:, prompt_len + j : prompt_len + j + 1]
-        out = model(input_ids=fed, past_key_values=cache, use_cache=True)
+        out = model(input_ids=fed, **cache_argument(model, cache), use_cache=True)
         cache = out.past_key_values
         target = batch[:, prompt_len + j + 1]
         nll += F.cross_entropy(out.logits[:, -1].float(), target, reduction="sum").double()

@@ -354,3 +354,10 @@ def describe(model: nn.Module) -> ModelView:
         ffn = _moe_ffn(mlp, spec, where + ".mlp") if hasattr(mlp, "experts") else _gated_ffn(mlp, where + ".mlp")
         view.layers.append(DecoderLayerView(i, layer, _attention(attn, config, i), ffn))
     return view
+
+
+def cache_argument(model: nn.Module, cache) -> dict:
+    """The keyword that passes a KV cache to ``model``'s forward: ``cache`` where the installed transformers
+    takes it (``past_key_values`` is deprecated there), ``past_key_values`` on earlier releases."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}

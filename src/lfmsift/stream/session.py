@@ -21,7 +21,7 @@ from torch import nn
 from lfmsift.kv.cache import FRAME, TEXT, build_cache, install, uninstall
 from lfmsift.kv.retriever import Retriever, get_retriever
 from lfmsift.kv.store import TierBudget
-from lfmsift.models.adapters import describe
+from lfmsift.models.adapters import cache_argument, describe
 from lfmsift.stream.video import Frame
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class StreamingSession:
         if input_ids.numel() == 0:
             raise ValueError("nothing to feed: the input tokenizes to zero tokens")
         self.cache.begin(kind, input_ids.shape[1])
-        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
+        out = self.model(input_ids=input_ids.to(self.device), **cache_argument(self.model, self.cache), use_cache=True,
                          logits_to_keep=1, **extra)
         self.cache.end(input_ids.shape[1])
         if kind == TEXT:
@@ -190,7 +190,7 @@ class StreamingSession:
             raise ValueError("score() needs a non-empty prompt and target")
         ids = torch.cat([prompt, target])[None]
         self.cache.begin(TEXT, ids.shape[1])
-        out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=ids.to(self.device), **cache_argument(self.model, self.cache), use_cache=True)
         self.cache.end(ids.shape[1])
         self.text_tokens += ids.shape[1]
         logits = out.logits[0, prompt.numel() - 1 : -1].float()
