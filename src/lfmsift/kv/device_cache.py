@@ -66,15 +66,19 @@ class HostIndexAdapter(LayerIndex):
 
 
 @fused
-def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
-                   frames: int) -> torch.Tensor:
-    """(kv_heads, past) bool: each past position's cluster selected (text positions always), plus the first
-    ``first`` and last ``recent`` of the ``frames`` streamed positions."""
+def select_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
+                     frames: int, arange: torch.Tensor, total: torch.Tensor, columns: torch.Tensor):
+    """From a cluster selection (kv_heads, clusters) to what each KV head fetches: every past position whose
+    cluster is selected (text positions always), plus the first ``first`` and last ``recent`` of the
+    ``frames`` streamed positions; returns the keep mask, the ascending positions and their counts per
+    head (``compact``), and adds the usage counts to ``total`` (``count_selected``)."""
     keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
     if first or recent:
         order = frame.cumsum(0) - 1  # index of each streamed token in the stream
         keep = keep | (frame & ((order < first) | (order >= frames - recent)))
-    return keep
+    total += keep.to(torch.float32) @ columns
+    positions, counts = compact.eager(keep, arange)
+    return keep, positions, counts
 
 
 @fused
@@ -206,73 +210,77 @@ class DeviceStreamingCache(StreamingKVCache):
         if not early:
             clusters = index.select(q, self.kind, hint)
         if self.retriever.selection == "same_layer":
-            keep = self._keep(store, clusters, past)
-            buffer, counts = self._gather(slot % 2, store, keep, past)
+            keep, positions, counts = self._select(layer, store, clusters, past)
+            buffer = self._gather(slot % 2, store, positions, counts)
         else:
-            keep, buffer, counts = self._prefetched(layer, slot, store, past)
+            keep, buffer, counts = self._prefetched(layer, slot, store)
             nxt = self._next_full_layer(layer)
             if nxt is not None:
-                self._prefetch(nxt, self._keep(store, clusters, past), past)
+                self._prefetch(nxt, *self._select(nxt, store, clusters, past))
         if self.trace is not None:
             self.trace.append((layer, self.kind, keep))
         buffer[:, :, past : past + tokens] = torch.stack([k, v]).to(buffer.dtype)
         chunk = self._chunk
         out = attend_gathered(q, buffer[:, :, : chunk.length], counts, past, scaling,
                               chunk.attention_mask(q.shape[0] // self.num_kv_heads))
-        self._record(layer, keep)
+        self._note_visited(layer)
         store.append(k, v, groups)
         return out[None]
 
-    def _keep(self, store: RingLayerStore, clusters: torch.Tensor | None, past: int) -> torch.Tensor:
-        """(kv_heads, past) bool: the past positions each KV head attends to (text always)."""
-        frame = self._chunk.frame
+    def _select(self, layer: int, store: RingLayerStore, clusters: torch.Tensor | None, past: int):
+        """What ``layer`` attends to, from cluster selection ``clusters`` over ``store``'s positions (``None``:
+        every position): (kv_heads, past) keep mask, ascending positions per head and their counts; the
+        usage counters of ``layer`` are updated on the device."""
+        chunk, total = self._chunk, self._selected[self.kind][layer]
         if clusters is None:
-            return torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
-        if clusters.shape[1] == 0:
-            return (~frame).expand(self.num_kv_heads, -1).clone()
-        return kept_positions(clusters, store.groups[:past], frame, self.retriever.keep_first,
-                              self.retriever.keep_recent, self.frames_seen)
+            total += chunk.columns.sum(0)
+            return chunk.dense()
+        if clusters.shape[1] == 0:  # no cluster yet: the text positions only
+            keep = (~chunk.frame).expand(self.num_kv_heads, -1).contiguous()
+            count_selected(total, keep, chunk.columns)
+            return (keep, *compact(keep, chunk.positions))
+        return select_positions(clusters, store.groups[:past], chunk.frame, self.retriever.keep_first,
+                                self.retriever.keep_recent, self.frames_seen, chunk.positions, total, chunk.columns)
 
-    def _gather(self, which: int, store: RingLayerStore, keep: torch.Tensor, past: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of ``keep`` per head (ascending), gathered into buffer ``which``; returns it and the counts."""
-        positions, counts = compact(keep, self._chunk.positions)
+    def _gather(self, which: int, store: RingLayerStore, positions: torch.Tensor, counts: torch.Tensor
+                ) -> torch.Tensor:
+        """The selected positions' K/V gathered into buffer ``which`` (host and ring tiers, one launch)."""
         buffer = self._buffers[which]
         gather_positions(store.host, store.ring, store.split, positions, counts, buffer)
-        return buffer, counts
+        return buffer
 
-    def _prefetched(self, layer: int, slot: int, store: RingLayerStore, past: int):
+    def _prefetched(self, layer: int, slot: int, store: RingLayerStore):
         """previous_layer: the selection made for ``layer`` by the previous layer (waiting for its gather),
         or every past token for the first full-attention layer."""
         pending = self._pending.pop(layer, None)
         if pending is None:
-            keep = torch.ones(self.num_kv_heads, past, dtype=torch.bool, device=self.device)
-            return (keep, *self._gather(slot % 2, store, keep, past))
+            self._selected[self.kind][layer] += self._chunk.columns.sum(0)
+            keep, positions, counts = self._chunk.dense()
+            return keep, self._gather(slot % 2, store, positions, counts), counts
         keep, buffer, counts, event = pending
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         return keep, buffer, counts
 
-    def _prefetch(self, layer: int, keep: torch.Tensor, past: int) -> None:
+    def _prefetch(self, layer: int, keep: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> None:
         """Start gathering ``layer``'s selected positions (on the side stream when there is one)."""
         slot = self._slot[layer]
         store = self.store[slot]
         if self._side is None:
-            self._pending[layer] = (keep, *self._gather(slot % 2, store, keep, past), None)
+            self._pending[layer] = (keep, self._gather(slot % 2, store, positions, counts), counts, None)
             return
         main = torch.cuda.current_stream(self.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            buffer, counts = self._gather(slot % 2, store, keep, past)
+            buffer = self._gather(slot % 2, store, positions, counts)
             event = torch.cuda.Event()
             event.record(self._side)
-        keep.record_stream(self._side)
-        counts.record_stream(main)
+        positions.record_stream(self._side)
+        counts.record_stream(self._side)
         self._pending[layer] = (keep, buffer, counts, event)
 
-    def _record(self, layer: int, keep: torch.Tensor) -> None:
-        """Usage statistics on the device (read once, by ``stats``): one product with the chunk's columns."""
-        count_selected(self._selected[self.kind][layer], keep, self._chunk.columns)
+    def _note_visited(self, layer: int) -> None:
+        """The visited fraction of the bucketed WiCSum, summed on the device (same_layer, as the reference)."""
         visited = self.indexes[layer].visited_fraction()
         if visited is not None and self.frames_seen and self.retriever.selection == "same_layer":
             held = self._visited[self.kind][layer]
@@ -322,7 +330,7 @@ class _ChunkState:
     frame: torch.Tensor  # (past,) bool: streamed (frame) positions
     columns: torch.Tensor  # (past, 3) fp32: frame, frame & offloaded, offloaded
     positions: torch.Tensor  # (kv_heads, past) int64 view of arange(past)
-    _masks: dict
+    _built: dict
 
     @classmethod
     def of(cls, store: RingLayerStore, past: int, tokens: int, length: int) -> _ChunkState:
@@ -332,8 +340,17 @@ class _ChunkState:
         positions = torch.arange(past, device=frame.device).expand(store.num_kv_heads, -1)
         return cls(past, tokens, length, frame, columns, positions, {})
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every past position kept: (keep mask, positions, counts), built once per chunk."""
+        if "dense" not in self._built:
+            heads, past = self.positions.shape
+            self._built["dense"] = (torch.ones(heads, past, dtype=torch.bool, device=self.frame.device),
+                                    self.positions.contiguous(),
+                                    torch.full((heads,), past, dtype=torch.int64, device=self.frame.device))
+        return self._built["dense"]
+
     def attention_mask(self, group: int) -> torch.Tensor:
         """(group * tokens, length) bool: the rows' view of the chunk itself (causal), built once per chunk."""
-        if group not in self._masks:
-            self._masks[group] = chunk_mask(self.past, self.length, self.tokens, group, self.frame.device)
-        return self._masks[group]
+        if group not in self._built:
+            self._built[group] = chunk_mask(self.past, self.length, self.tokens, group, self.frame.device)
+        return self._built[group]

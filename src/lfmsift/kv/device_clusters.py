@@ -63,23 +63,20 @@ def hamming_rows(a: torch.Tensor, a_ones: torch.Tensor, b: torch.Tensor, b_ones:
 
 
 @fused
-def nearest_open(rows: torch.Tensor, bits: torch.Tensor, ones: torch.Tensor, newest: torch.Tensor, lowest: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each token (0/1 ``rows``): the distance to the nearest open cluster (newest member at or after
-    ``lowest``; ``_FAR`` if none) and, among the nearest, the highest id."""
-    d = hamming_rows(rows, rows.sum(1), bits, ones)
+def chunk_distances(rows: torch.Tensor, bits: torch.Tensor, ones: torch.Tensor, newest: torch.Tensor, lowest: int,
+                    earlier: torch.Tensor, threshold: float):
+    """Everything of a chunk's assignment before the walk. For each token (0/1 ``rows``): the distance to
+    the nearest open cluster (newest member at or after ``lowest``; ``_FAR`` if none) and, among the
+    nearest, the highest id; the distances between the chunk's tokens; ``close[t, f]``: f earlier than t
+    and within the threshold; whether t may found a cluster (no open cluster within the threshold)."""
+    row_ones = rows.sum(1)
+    d = hamming_rows(rows, row_ones, bits, ones)
     d = torch.where((newest >= lowest)[None, :], d, _FAR)
-    d_min = d.min(1).values
+    old_min = d.min(1).values
     ids = torch.arange(bits.shape[0], device=rows.device)
-    return d_min, torch.where(d == d_min[:, None], ids, -1).max(1).values
-
-
-@fused
-def within_chunk(rows: torch.Tensor, earlier: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances between the chunk's tokens and ``close[t, f]``: f is earlier than t and within the threshold."""
-    ones = rows.sum(1)
-    d = hamming_rows(rows, ones, rows, ones)
-    return d, (d < threshold) & earlier
+    old_arg = torch.where(d == old_min[:, None], ids, -1).max(1).values
+    d_in = hamming_rows(rows, row_ones, rows, row_ones)
+    return old_min, old_arg, d_in, (d_in < threshold) & earlier, old_min >= threshold
 
 
 @fused
@@ -177,14 +174,12 @@ class DeviceClusterTable:
         position = self.seen if position is None else position
         self._tighten_bound()
         lowest = _GONE // 2 if self.window is None else position - self.window
-        if self.bound:
-            old_min, old_arg = nearest_open(rows, self._bits[: self.bound], self._ones[: self.bound],
-                                            self._newest[: self.bound], lowest)
-        else:
-            old_min = torch.full((tokens,), _FAR, device=self.device)
-            old_arg = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        d_in, close = within_chunk(rows, self._earlier_mask(tokens), float(self.threshold))
-        founder = founders(close, old_min >= self.threshold)
+        # An empty table scores one empty slot: the spare, never open.
+        slots = max(self.bound, 1)
+        old_min, old_arg, d_in, close, can_found = chunk_distances(
+            rows, self._bits[:slots], self._ones[:slots], self._newest[:slots], lowest, self._earlier_mask(tokens),
+            float(self.threshold))
+        founder = founders(close, can_found)
         self._grow(self.bound + tokens + 1)
         cluster = torch.zeros(0, dtype=torch.int64, device=self.device)
         if tokens:
