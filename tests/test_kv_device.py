@@ -315,3 +315,48 @@ def test_full_fetch_through_the_ring_and_host_tier_equals_the_plain_model(device
     torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
     assert stats["store"]["bytes"]["host"] > 0 and stats["frame_stage"]["fetched_ratio"] == 1.0
     assert stats["store"]["moved_bytes"]["fetched_host"] > 0
+
+
+def test_chunks_added_without_attention_are_stored_and_clustered_but_not_counted_as_selections():
+    """``add_chunk`` (a prefix computed elsewhere) then a streamed chunk: the same tokens and clusters as
+    streaming the prefix, and the retrieval ratio counts only the chunk that attended."""
+    from lfmsift.kv import get_retriever
+    from lfmsift.kv.cache import new_cache, uninstall
+    from lfmsift.models.tiny import tiny_model
+
+    model = tiny_model("llama", seed=0, dtype=torch.float32)
+    ids = torch.randint(0, 250, (1, 64), generator=torch.Generator().manual_seed(3))
+    kv_heads = model.config.num_key_value_heads
+    caches = []
+    try:
+        with torch.no_grad():
+            streamed = new_cache(model, get_retriever("resv"), None, "device")
+            caches.append(streamed)
+            for start in range(0, 56, 8):
+                if start == 48:
+                    streamed.trace = []
+                streamed.begin("frame", 8)
+                model(ids[:, start : start + 8], past_key_values=streamed)
+                streamed.end(8)
+            uninstall(streamed)
+            added = new_cache(model, get_retriever("resv"), None, "device")  # one cache installed at a time
+            caches.append(added)
+            for start in range(0, 48, 8):  # the same K/V, entered without attention
+                added.add_chunk([s.ring[0, :, start : start + 8] for s in streamed.store.layers],
+                                [s.ring[1, :, start : start + 8] for s in streamed.store.layers])
+            added.trace = []
+            added.begin("frame", 8)
+            model(ids[:, 48:56], past_key_values=added)
+            added.end(8)
+        for a, b in zip(streamed.store.layers, added.store.layers):
+            assert torch.equal(a.groups[:56], b.groups[:56]) and torch.allclose(a.ring[:, :, :56], b.ring[:, :, :56])
+        assert len(added.trace) == len(streamed.trace) == model.config.num_hidden_layers
+        for (_, _, keep_a), (_, _, keep_b) in zip(streamed.trace, added.trace):
+            assert torch.equal(keep_a, keep_b)
+        selected = sum(float(keep.sum()) for _, _, keep in added.trace)
+        assert added.stats()["frame_stage"]["retrieval_ratio"] == pytest.approx(
+            selected / (len(added.trace) * kv_heads * 48))
+    finally:
+        for cache in caches:
+            uninstall(cache)
+            cache.close()

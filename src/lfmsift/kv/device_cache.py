@@ -140,6 +140,7 @@ class DeviceStreamingCache(StreamingKVCache):
         self._side = torch.cuda.Stream(self.device) \
             if self.device.type == "cuda" and self.retriever.selection == "previous_layer" else None
         self.frames_seen = 0  # streamed (frame) tokens stored before the current chunk
+        self._adding = False  # inside add_chunk
 
     # -- chunk protocol ------------------------------------------------------------------------------------
     def begin(self, kind: str, tokens: int | None = None) -> None:
@@ -157,7 +158,7 @@ class DeviceStreamingCache(StreamingKVCache):
                                                dtype=self.dtype, device=self.device)
         if self.store.layers:
             self._chunk = _ChunkState.of(self.store[0], past, tokens, length)
-            if self.frames_seen:
+            if self.frames_seen and not self._adding:  # a chunk added by add_chunk selects nothing
                 self._counted[kind][0] += 1
                 self._counted[kind][1] += self.frames_seen
                 self._offloaded[kind] += self._chunk.columns[:, 1].sum()
@@ -177,7 +178,11 @@ class DeviceStreamingCache(StreamingKVCache):
         if len(keys) != len(self.full_layers) or len(values) != len(self.full_layers):
             raise ValueError(f"add_chunk takes K and V of {len(self.full_layers)} layers, got {len(keys)} and {len(values)}")
         tokens = keys[0].shape[1]
-        self.begin(kind, tokens)
+        self._adding = True
+        try:
+            self.begin(kind, tokens)
+        finally:
+            self._adding = False
         for slot, layer in enumerate(self.full_layers):
             store = self.store[slot]
             if kind == FRAME:
