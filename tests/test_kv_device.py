@@ -147,6 +147,22 @@ def test_device_resv_selects_exactly_the_reference_clusters(device, options):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_bound_tightened_from_copies_in_flight_always_covers_the_table():
+    """On CUDA the bound follows asynchronous copies of the size; reading the size in between (``sync_bound``)
+    must not leave a stale copy that would lower the bound below the size."""
+    table = DeviceClusterTable(1, 4, threshold=2, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    for chunk in range(40):
+        tokens = 110 if chunk % 3 else 11
+        hashes = torch.randint(0, 1 << 20, (tokens,), generator=gen).cuda()
+        table.assign(torch.randn(1, tokens, 4, generator=gen).cuda(), hashes)
+        torch.cuda.synchronize()  # the copies complete: the next assign tightens
+        assert table.bound >= int(table.size)
+        if chunk % 5 == 4:
+            table.sync_bound()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_index_steps_never_read_the_device_back():
     """CUDA's sync debug mode raises on any synchronising call: assign and select run under it."""
     config = ReSV(buckets=20)

@@ -211,6 +211,7 @@ class DeviceClusterTable:
             return
         if self._size_copy is not None and self._size_copy[0].query():
             _, size, bound_then = self._size_copy
+            # the size then, plus at most one new cluster per token assigned since
             self.bound = min(self.bound, int(size) + self.bound - bound_then)
             self._size_copy = None
         if self._size_copy is None:
@@ -231,8 +232,10 @@ class DeviceClusterTable:
             self._newest[ids] = _GONE
 
     def sync_bound(self) -> int:
-        """Read the true size (one host read) and make it the bound; returns it."""
+        """Read the true size (one host read) and make it the bound; returns it. A size copy still in flight
+        is dropped: it was taken against the old bound, which no longer bounds what was assigned since."""
         self.bound = int(self.size)
+        self._size_copy = None
         return self.bound
 
     def nbytes(self, num_tokens: int, key_bytes: int = 2) -> torch.Tensor:
