@@ -1,0 +1,145 @@
+"""Tensor operations the host issues per layer in one streaming frame step (machine-independent).
+
+The device streaming path never waits for the GPU, but each of its small tensor operations still costs the
+host a Python dispatch and, on a GPU, a kernel launch; when they outnumber what the GPU needs time for,
+the frame is bound by the host (docs/results.md, ``benchmarks/stream_gpu.py``). This counts them: every
+ATen operation dispatched during one frame step (``TorchDispatchMode``), for each retriever on the device
+path and for transformers' own attention (sdpa, a dense ``DynamicCache``) as the baseline, per layer.
+The in-chunk leader walk and the two-tier gather are one Triton launch each on CUDA; on the CPU they are
+loops of tensor operations, so each call counts as one operation here (``launch_ops_on_cpu`` gives what
+their CPU forms dispatched). The counts do not depend on the cache length.
+
+    python benchmarks/stream_ops.py --json results/stream_ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lfmsift.kv.device_cache as device_cache
+import lfmsift.kv.device_clusters as device_clusters
+from lfmsift.kv import TierBudget, get_retriever
+from lfmsift.kv.cache import new_cache, uninstall
+from lfmsift.models.adapters import cache_argument
+from lfmsift.models.tiny import tiny_model
+
+
+LAUNCHES = [(device_clusters, "founders"), (device_cache, "gather_positions")]  # one Triton launch each on CUDA
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen operations by name; ``paused`` stops counting (the walk, counted as one launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.paused = 0
+        self.walk_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:
+            self.walk_ops += 1
+        else:
+            self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def as_one_launch(module, name: str, counter: OpCounter):
+    """Replace ``module.name`` by a wrapper counted as one operation (what it is on CUDA: one Triton launch);
+    returns the original."""
+    original = getattr(module, name)
+
+    def launch(*args, **kwargs):
+        counter.counts[f"triton.{name} (one launch on CUDA)"] += 1
+        counter.paused += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            counter.paused -= 1
+
+    setattr(module, name, launch)
+    return original
+
+
+@torch.no_grad()
+def count_step(model, retriever: str | None, options: dict, frames: int, frame_tokens: int, window: int) -> dict:
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, (frames + 1) * frame_tokens),
+                        generator=torch.Generator().manual_seed(0))
+    if retriever is None:  # transformers' attention over a dense cache
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(ids[:, : frames * frame_tokens], **cache_argument(model, cache))
+        counter = OpCounter()
+        with counter:
+            model(ids[:, frames * frame_tokens :], **cache_argument(model, cache))
+        return {"ops": sum(counter.counts.values()), "per_layer": sum(counter.counts.values()) / layers,
+                "top": counter.counts.most_common(40)}
+    cfg = model.config
+    token_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    cache = new_cache(model, get_retriever(retriever, **options), TierBudget(device_bytes=window * token_bytes * layers),
+                      "device")
+    try:
+        for f in range(frames):
+            cache.begin("frame", frame_tokens)
+            model(ids[:, f * frame_tokens : (f + 1) * frame_tokens], **cache_argument(model, cache))
+            cache.end(frame_tokens)
+        counter = OpCounter()
+        patched = [(m, n, as_one_launch(m, n, counter)) for m, n in LAUNCHES]
+        try:
+            with counter:
+                cache.begin("frame", frame_tokens)
+                model(ids[:, frames * frame_tokens :], **cache_argument(model, cache))
+                cache.end(frame_tokens)
+        finally:
+            for module, name, original in patched:
+                setattr(module, name, original)
+    finally:
+        uninstall(cache)
+        cache.close()
+    total = sum(counter.counts.values())
+    return {"ops": total, "per_layer": total / layers, "launch_ops_on_cpu": counter.walk_ops,
+            "top": counter.counts.most_common(40)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="llama")
+    parser.add_argument("--frames", type=int, default=40, help="frames streamed before the counted one")
+    parser.add_argument("--frame-tokens", type=int, default=11)
+    parser.add_argument("--window", type=int, default=128, help="device ring, tokens per layer")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    model = tiny_model(args.arch, seed=0, dtype=torch.float32)
+    configs = [("sdpa (dense cache)", None, {}), ("full", "full", {}), ("resv", "resv", {}),
+               ("resv bucketed", "resv", {"buckets": 20}),
+               ("resv bucketed previous_layer", "resv", {"buckets": 20, "selection": "previous_layer"}),
+               ("streamingllm", "streamingllm", {"window": 64})]
+    rows = []
+    base = None
+    for label, retriever, options in configs:
+        r = count_step(model, retriever, options, args.frames, args.frame_tokens, args.window)
+        base = r["per_layer"] if retriever is None else base
+        r.update(method=label, retriever=retriever, options=options, over_sdpa_per_layer=r["per_layer"] - base)
+        rows.append(r)
+        print(f"{label:30s} {r['ops']:6d} ops per frame step  {r['per_layer']:7.1f} per layer  "
+              f"(+{r['over_sdpa_per_layer']:.1f} over transformers' attention)", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": " ".join(["python", "benchmarks/stream_ops.py", *(argv if argv is not None else sys.argv[1:])]),
+            "arch": args.arch, "layers": model.config.num_hidden_layers, "torch": torch.__version__, "rows": rows,
+        }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
