@@ -82,7 +82,7 @@ def count_step(model, retriever: str | None, options: dict, frames: int, frame_t
         with counter:
             model(ids[:, frames * frame_tokens :], **cache_argument(model, cache))
         return {"ops": sum(counter.counts.values()), "per_layer": sum(counter.counts.values()) / layers,
-                "top": counter.counts.most_common(40)}
+                "top": counter.counts.most_common(400)}
     cfg = model.config
     token_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     cache = new_cache(model, get_retriever(retriever, **options), TierBudget(device_bytes=window * token_bytes * layers),
@@ -107,7 +107,7 @@ def count_step(model, retriever: str | None, options: dict, frames: int, frame_t
         cache.close()
     total = sum(counter.counts.values())
     return {"ops": total, "per_layer": total / layers, "launch_ops_on_cpu": counter.walk_ops,
-            "top": counter.counts.most_common(40)}
+            "top": counter.counts.most_common(400)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -376,3 +376,31 @@ def test_chunks_added_without_attention_are_stored_and_clustered_but_not_counted
         for cache in caches:
             uninstall(cache)
             cache.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("score_mode, nonpositive, buckets", [
+    ("raw", "top", None), ("raw", "top", 20), ("raw", "shifted", None), ("raw", "shifted", 20),
+    ("shifted", "top", 20), ("softmax", "top", None), ("softmax", "shifted", 7)])
+def test_lean_padded_wicsum_equals_select_clusters_on_the_valid_slots(seed, score_mode, nonpositive, buckets):
+    """Oracle: ``select_clusters`` with the means and the ``valid`` mask spelled out."""
+    from lfmsift.kv.wicsum import select_clusters, select_clusters_padded
+
+    gen = torch.Generator().manual_seed(seed)
+    kv, clusters, dim = 2, 37, 8
+    counts = torch.randint(1, 9, (clusters,), generator=gen) * (torch.rand(clusters, generator=gen) < 0.7)
+    sums = torch.randn(kv, clusters, dim, generator=gen) * counts[None, :, None] + 0.4 * (seed % 2)
+    sums = sums * (counts > 0)[None, :, None]
+    queries = torch.randn(6, 3, dim, generator=gen) - 0.5 * (seed % 2)
+    means = sums / counts.clamp(min=1)[None, :, None]
+    report: dict = {}
+    want, want_visited = select_clusters(queries, means, counts, 0.3, buckets, score_mode, nonpositive, report,
+                                         counts > 0)
+    got, visited, nonpositive_rows = select_clusters_padded(queries, sums, counts, 0.3, buckets, score_mode,
+                                                            nonpositive)
+    assert torch.equal(got, want)
+    assert int(nonpositive_rows) == int(report["nonpositive"])
+    if buckets is None:
+        assert visited is None and want_visited is None
+    else:
+        torch.testing.assert_close(visited, want_visited)

@@ -12,7 +12,8 @@ from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD, HashClusterTable
 from lfmsift.kv.device_clusters import DeviceClusterTable
 from lfmsift.kv.hashing import DEFAULT_HASH_BITS, hash_bits, hyperplanes
 from lfmsift.kv.retriever import LayerIndex, Retriever, register
-from lfmsift.kv.wicsum import DEFAULT_WICSUM_RATIO, NONPOSITIVE_RULES, SCORE_MODES, select_clusters
+from lfmsift.kv.wicsum import (DEFAULT_WICSUM_RATIO, NONPOSITIVE_RULES, SCORE_MODES, select_clusters,
+                               select_clusters_padded)
 
 
 class ReSVIndex(LayerIndex):
@@ -77,12 +78,10 @@ class ReSVIndex(LayerIndex):
 @fused
 def device_select(queries: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, ratio: float, buckets: int | None,
                   score_mode: str, nonpositive: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``select_clusters`` over a padded table of key sums and counts (empty slots: count 0); returns the
-    mask, the visited fraction and how many WiCSum rows had a weighted sum <= 0."""
-    means = sums / counts.clamp(min=1).to(sums.dtype)[None, :, None]
-    report: dict = {}
-    mask, visited = select_clusters(queries, means, counts, ratio, buckets, score_mode, nonpositive, report, counts > 0)
-    return mask, visited, report.get("nonpositive", torch.zeros((), dtype=torch.int64, device=queries.device))
+    """``select_clusters_padded`` (WiCSum over a padded table of key sums and counts), compiled with
+    ``LFMSIFT_COMPILE=1``; returns the mask, the visited fraction and how many WiCSum rows had a weighted
+    sum <= 0."""
+    return select_clusters_padded(queries, sums, counts, ratio, buckets, score_mode, nonpositive)
 
 
 class DeviceReSVIndex(ReSVIndex):

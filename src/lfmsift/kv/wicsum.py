@@ -220,3 +220,73 @@ def select_clusters(
         mask, seen = wicsum_bucketed(scores, counts, ratio, buckets, valid)
         visited = seen.mean(-1)
     return mask.any(1), visited
+
+
+def select_clusters_padded(
+    queries: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    ratio: float = DEFAULT_WICSUM_RATIO,
+    buckets: int | None = None,
+    score_mode: str = "raw",
+    nonpositive: str = "top",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``select_clusters`` over a device index's padded table, in as few tensor operations as it takes (each
+    one costs the host a dispatch and a launch in every layer): the means are ``sums / counts`` (empty slots
+    have count 0: they weigh nothing and are never selected), the float64 scores, weights and row sums are
+    computed once and shared by the non-positive count, the shift and the rule. Returns the
+    (num_kv_heads, clusters) selection, the visited fraction per KV head (bucketed rule; else ``None``) and
+    the number of WiCSum rows with a weighted sum <= 0; the same values as ``select_clusters`` with
+    ``valid = counts > 0`` (tested)."""
+    _check_ratio(ratio)
+    if nonpositive not in NONPOSITIVE_RULES:
+        raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {nonpositive!r}")
+    heads, rows, dim = queries.shape
+    kv_heads, clusters, _ = sums.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
+    if clusters == 0:
+        return (torch.zeros(kv_heads, 0, dtype=torch.bool, device=queries.device), None,
+                torch.zeros((), dtype=torch.int64, device=queries.device))
+    valid = counts > 0
+    means = sums / counts.clamp(min=1).to(sums.dtype)[None, :, None]
+    scores = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(sums.dtype) @ means.transpose(1, 2)
+    if score_mode != "raw":
+        scores = transform_scores(scores, score_mode, dim ** -0.5, valid)
+    n = counts.to(torch.float64)
+    s = scores.to(torch.float64)
+    w = torch.where(valid, s * n, 0.0)
+    total = w.sum(-1, keepdim=True)
+    positive = total > 0
+    nonpositive_rows = (~positive).sum()
+    bias = torch.where(valid, 0.0, float("-inf")).to(torch.float64)  # -inf on empty slots
+    if nonpositive == "shifted":
+        low = (s - bias).amin(-1, keepdim=True)
+        s = torch.where(positive, s, s - low)
+        w = torch.where(valid, s * n, 0.0)
+        total = w.sum(-1, keepdim=True)
+        positive = total > 0
+    ranked = s + bias
+    if buckets is None:
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        acc = w.gather(-1, order).cumsum(-1)
+        last = torch.where(positive, (acc > ratio * total).to(torch.int8).argmax(-1, keepdim=True), 0)
+        take = torch.arange(clusters, device=s.device) <= last
+        mask = torch.zeros_like(take).scatter(-1, order, take) & valid
+        return mask.any(1), None, nonpositive_rows
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    hi = ranked.amax(-1, keepdim=True)
+    lo = (s - bias).amin(-1, keepdim=True)
+    width = (hi - lo) / buckets
+    wide = width > 0
+    b = torch.where(wide, torch.floor((hi - s) / torch.where(wide, width, 1.0)), 0.0)
+    b = torch.nan_to_num(b).clamp_(0, buckets - 1).to(torch.int64)
+    per_bucket = torch.zeros(kv_heads, s.shape[1], buckets, dtype=s.dtype, device=s.device).scatter_add_(-1, b, w)
+    exit_bucket = (per_bucket.cumsum(-1) > ratio * total).to(torch.int8).argmax(-1, keepdim=True)
+    visited = b <= exit_bucket
+    top = torch.zeros_like(visited).scatter(-1, ranked.argmax(-1, keepdim=True), True)
+    mask = torch.where(positive, visited, top) & valid
+    seen = torch.where(positive, visited, b == 0) & valid
+    share = seen.sum(-1).to(torch.float64) / valid.sum().clamp(min=1)
+    return mask.any(1), share.mean(-1), nonpositive_rows
