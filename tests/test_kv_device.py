@@ -365,7 +365,7 @@ def test_chunks_added_without_attention_are_stored_and_clustered_but_not_counted
             model(ids[:, 48:56], past_key_values=added)
             added.end(8)
         for a, b in zip(streamed.store.layers, added.store.layers):
-            assert torch.equal(a.groups[:56], b.groups[:56]) and torch.allclose(a.ring[:, :, :56], b.ring[:, :, :56])
+            assert torch.equal(a.groups[:, :56], b.groups[:, :56]) and torch.allclose(a.ring[:, :, :56], b.ring[:, :, :56])
         assert len(added.trace) == len(streamed.trace) == model.config.num_hidden_layers
         for (_, _, keep_a), (_, _, keep_b) in zip(streamed.trace, added.trace):
             assert torch.equal(keep_a, keep_b)
@@ -404,3 +404,58 @@ def test_lean_padded_wicsum_equals_select_clusters_on_the_valid_slots(seed, scor
         assert visited is None and want_visited is None
     else:
         torch.testing.assert_close(visited, want_visited)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, options", [("full", {}), ("resv", {"buckets": 20}),
+                                           ("resv", {"selection": "previous_layer", "keep_recent": 8}),
+                                           ("rekv", {})], ids=["full", "resv", "resv-previous", "rekv"])
+def test_a_batch_of_streams_equals_each_stream_alone(device, name, options):
+    """Three streams in one forward (lockstep chunks, a device window so the host tier is read) give each
+    stream what it gets alone: the same logits, the same selection per layer and KV head, the same ratios."""
+    from lfmsift.kv import TierBudget, get_retriever
+    from lfmsift.kv.cache import install, uninstall
+    from lfmsift.kv.device_cache import DeviceStreamingCache
+    from lfmsift.models.adapters import describe
+    from lfmsift.models.tiny import tiny_model
+
+    model = tiny_model("llama", seed=0, dtype=torch.float32).to(device)
+    cfg = model.config
+    token_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    streams, kv = 3, cfg.num_key_value_heads
+    ids = torch.randint(0, 250, (streams, 90), generator=torch.Generator().manual_seed(4)).to(device)
+    chunks = [(5, "text")] + [(8, "frame")] * 9 + [(6, "text"), (1, "text")]
+
+    def run(cache, rows):
+        install(cache)
+        cache.trace = []
+        logits, start = [], 0
+        try:
+            with torch.no_grad():
+                for n, kind in chunks:
+                    cache.begin(kind, n)
+                    logits.append(model(ids[rows, start : start + n], past_key_values=cache).logits.cpu())
+                    cache.end(n)
+                    start += n
+            return torch.cat(logits, 1), cache.trace, cache.stats()
+        finally:
+            uninstall(cache)
+            cache.close()
+
+    def budget(b):
+        return TierBudget(device_bytes=24 * token_bytes * b * cfg.num_hidden_layers)
+
+    view = describe(model)
+    together, trace, stats = run(DeviceStreamingCache(view, get_retriever(name, **options), budget(streams),
+                                                      streams=streams), slice(None))
+    ratios = []
+    for b in range(streams):
+        alone, alone_trace, alone_stats = run(DeviceStreamingCache(view, get_retriever(name, **options), budget(1)),
+                                              slice(b, b + 1))
+        torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-4, atol=1e-4)
+        for (layer, stage, keep), (want_layer, want_stage, want) in zip(trace, alone_trace):
+            assert (layer, stage) == (want_layer, want_stage)
+            assert torch.equal(keep[b * kv : (b + 1) * kv].cpu(), want.cpu())
+        ratios.append(alone_stats["frame_stage"]["retrieval_ratio"])
+    assert stats["frame_stage"]["retrieval_ratio"] == pytest.approx(sum(ratios) / streams)
+    assert stats["store"]["bytes"]["host"] > 0

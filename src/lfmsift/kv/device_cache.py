@@ -65,6 +65,17 @@ class HostIndexAdapter(LayerIndex):
         return self.index.stats(num_tokens, value_bytes)
 
 
+def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
+                   frames: int) -> torch.Tensor:
+    """(kv_heads, past) bool: every past position whose cluster is selected (text positions always), plus the
+    first ``first`` and last ``recent`` of the ``frames`` streamed positions."""
+    keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
+    if first or recent:
+        order = frame.cumsum(0) - 1  # index of each streamed token in the stream
+        keep = keep | (frame & ((order < first) | (order >= frames - recent)))
+    return keep
+
+
 @fused
 def select_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
                      frames: int, arange: torch.Tensor, total: torch.Tensor, columns: torch.Tensor):
@@ -72,10 +83,7 @@ def select_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.
     cluster is selected (text positions always), plus the first ``first`` and last ``recent`` of the
     ``frames`` streamed positions; returns the keep mask, the ascending positions and their counts per
     head (``compact``), and adds the usage counts to ``total`` (``count_selected``)."""
-    keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
-    if first or recent:
-        order = frame.cumsum(0) - 1  # index of each streamed token in the stream
-        keep = keep | (frame & ((order < first) | (order >= frames - recent)))
+    keep = kept_positions(clusters, groups, frame, first, recent, frames)
     total += keep.to(torch.float32) @ columns
     positions, counts = compact.eager(keep, arange)
     return keep, positions, counts
@@ -104,42 +112,65 @@ def _round_up(n: int, k: int) -> int:
 
 @dataclass
 class DeviceStreamingCache(StreamingKVCache):
-    """KV cache of one streaming session on the device path (batch 1). See the module docstring."""
+    """KV cache of ``streams`` streaming sessions advancing in lockstep (same chunk kinds and lengths; 1 by
+    default) on the device path. See the module docstring.
+
+    With several streams the model runs one forward for all of them (batch = streams): each stream has its
+    own index per layer (its clusters, its selection), while the stores hold the streams' KV heads side by
+    side, so that one compaction, one gather and one attention call serve the whole batch. Budgets are for
+    the whole batch. ``StreamingSession`` drives one stream; batches are driven through ``begin`` / the
+    model's forward / ``end`` with (streams, tokens) inputs."""
 
     cluster_window: int | None | str = "store"
+    streams: int = 1
 
     def _setup_storage(self) -> None:
-        self.store = RingKVStore(len(self.full_layers), self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                                 self.budget)
+        if self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
+        if self.streams > 1 and any(self.sliding):
+            raise ValueError("several streams need a model whose layers all attend fully (no sliding-window layers)")
+        if self.streams > 1 and self.retriever.needs_hint:
+            raise ValueError(f"retriever {self.retriever.name!r} predicts queries from the previous layer and runs "
+                             "one stream at a time; use streams=1")
+        heads = self.streams * self.num_kv_heads  # the store's heads: every stream's KV heads
+        self.store = RingKVStore(len(self.full_layers), heads, self.head_dim, self.dtype, self.device, self.budget,
+                                 self.streams)
         window = self.store.layers[0].window if self.store.layers else None
         cluster_window = window if self.cluster_window == "store" else self.cluster_window
-        self.indexes: dict[int, LayerIndex] = {}
         self.host_reads = False
-        for layer in self.full_layers:
-            index = self.retriever.device_index(layer, self.num_kv_heads, self.head_dim, self.device, cluster_window)
-            if index is None:
-                index = HostIndexAdapter(self.retriever.index(layer, self.num_kv_heads, self.head_dim, self.device),
-                                         self.device)
-                self.host_reads = True
-            self.indexes[layer] = index
+        # stream_indexes[b][layer]: stream b's index of a layer; ``indexes`` is stream 0's (the statistics').
+        self.stream_indexes: list[dict[int, LayerIndex]] = []
+        for _ in range(self.streams):
+            indexes = {}
+            for layer in self.full_layers:
+                index = self.retriever.device_index(layer, self.num_kv_heads, self.head_dim, self.device,
+                                                    cluster_window)
+                if index is None:
+                    index = HostIndexAdapter(self.retriever.index(layer, self.num_kv_heads, self.head_dim,
+                                                                  self.device), self.device)
+                    self.host_reads = True
+                indexes[layer] = index
+            self.stream_indexes.append(indexes)
+        self.indexes = self.stream_indexes[0]
         if self.host_reads:
             log.info("retriever %r has no device index: its index runs on the host in every layer",
                      self.retriever.name)
 
-        # Per stage and layer, summed over chunks on the device: (kv_heads, 3) selected frame tokens, selected
-        # offloaded frame tokens, selected offloaded tokens of any kind. Per stage on the host: chunks and
-        # past frame tokens counted, and (on the device) offloaded past frame tokens, the same for every layer.
-        self._selected = {stage: {layer: torch.zeros(self.num_kv_heads, 3, device=self.device)
+        # Per stage and layer, summed over chunks on the device: (store heads, 3) selected frame tokens,
+        # selected offloaded frame tokens, selected offloaded tokens of any kind. Per stage on the host:
+        # chunks and past frame tokens counted, and (on the device) offloaded past frame tokens, the same
+        # for every layer and stream.
+        self._selected = {stage: {layer: torch.zeros(heads, 3, device=self.device)
                                   for layer in self.full_layers} for stage in STAGES}
         self._visited = {stage: {layer: None for layer in self.full_layers} for stage in STAGES}
         self._counted = {stage: [0, 0] for stage in STAGES}  # chunks with past frames, their past frame tokens
         self._offloaded = {stage: torch.zeros((), device=self.device) for stage in STAGES}
         self._chunk: _ChunkState | None = None
-        self._buffers = [torch.zeros(2, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        self._buffers = [torch.zeros(2, heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
                          for _ in range(2)]
         self._side = torch.cuda.Stream(self.device) \
             if self.device.type == "cuda" and self.retriever.selection == "previous_layer" else None
-        self.frames_seen = 0  # streamed (frame) tokens stored before the current chunk
+        self.frames_seen = 0  # streamed (frame) tokens of each stream stored before the current chunk
         self._adding = False  # inside add_chunk
 
     # -- chunk protocol ------------------------------------------------------------------------------------
@@ -154,7 +185,7 @@ class DeviceStreamingCache(StreamingKVCache):
         length = _round_up(past + tokens, _ALIGN)
         for i, buffer in enumerate(self._buffers):
             if buffer.shape[2] < length:
-                self._buffers[i] = torch.zeros(2, self.num_kv_heads, max(length, 2 * buffer.shape[2]), self.head_dim,
+                self._buffers[i] = torch.zeros(2, buffer.shape[1], max(length, 2 * buffer.shape[2]), self.head_dim,
                                                dtype=self.dtype, device=self.device)
         if self.store.layers:
             self._chunk = _ChunkState.of(self.store[0], past, tokens, length)
@@ -170,9 +201,9 @@ class DeviceStreamingCache(StreamingKVCache):
 
     def add_chunk(self, keys: list[torch.Tensor], values: list[torch.Tensor], kind: str = FRAME) -> None:
         """Store a chunk whose K/V were computed elsewhere (a dense prefill, a saved prefix) as if it had been
-        streamed: clustered by the retriever's index (frames), appended to every full-attention layer, no
-        attention computed. ``keys`` / ``values``: per full-attention layer, (kv_heads, tokens, head_dim)
-        post-RoPE."""
+        streamed: clustered by each stream's index (frames), appended to every full-attention layer, no
+        attention computed. ``keys`` / ``values``: per full-attention layer, (streams * kv_heads, tokens,
+        head_dim) post-RoPE, stream by stream."""
         if any(self.sliding):
             raise ValueError("add_chunk needs a model whose layers all attend fully (no sliding-window layers)")
         if len(keys) != len(self.full_layers) or len(values) != len(self.full_layers):
@@ -185,35 +216,38 @@ class DeviceStreamingCache(StreamingKVCache):
             self._adding = False
         for slot, layer in enumerate(self.full_layers):
             store = self.store[slot]
-            if kind == FRAME:
-                groups = self.indexes[layer].assign(keys[slot], store.tokens)
-            else:
-                groups = torch.full((tokens,), self._text_group, dtype=torch.int64, device=self.device)
-            store.append(keys[slot], values[slot], groups)
+            per_stream = keys[slot].reshape(self.streams, self.num_kv_heads, tokens, self.head_dim)
+            store.append(keys[slot], values[slot], self._groups(layer, per_stream, store.tokens, tokens))
         self.end(tokens)
+
+    def _groups(self, layer: int, keys: torch.Tensor, past: int, tokens: int) -> torch.Tensor:
+        """(streams, tokens) group ids of a chunk: each stream's clusters (frames) or the text segment."""
+        if self.kind != FRAME:
+            return torch.full((self.streams, tokens), self._text_group, dtype=torch.int64, device=self.device)
+        ids = [self.stream_indexes[b][layer].assign(keys[b], past) for b in range(self.streams)]
+        return ids[0][None] if self.streams == 1 else torch.stack(ids)
 
     # -- the attention path --------------------------------------------------------------------------------
     def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         layer = module.layer_idx
-        if query.shape[0] != 1:
-            raise ValueError(f"streaming sessions run batch 1, got a batch of {query.shape[0]}")
-        q, k, v = query[0], key[0], value[0]
+        batch = query.shape[0]
+        if batch != self.streams:
+            raise ValueError(f"this cache holds {self.streams} stream(s) (batch {self.streams}), got a batch of {batch}")
         if self.sliding[layer]:
-            return self._window_attention(layer, q, k, v, scaling, self.view.layers[layer].attention.sliding_window)
+            out = self._window_attention(layer, query[0], key[0], value[0], scaling,
+                                         self.view.layers[layer].attention.sliding_window)
+            return out
         slot = self._slot[layer]
-        store, index = self.store[slot], self.indexes[layer]
-        past, tokens = store.tokens, k.shape[1]
+        store = self.store[slot]
+        past, tokens = store.tokens, key.shape[2]
         early = self.retriever.selects_before_assign
         hint = self._hint(layer)
         if early:
-            clusters = index.select(q, self.kind, hint)
-        if self.kind == FRAME:
-            groups = index.assign(k, past)
-        else:
-            groups = torch.full((tokens,), self._text_group, dtype=torch.int64, device=self.device)
+            clusters = self._clusters(layer, query, hint)
+        groups = self._groups(layer, key, past, tokens)
         if not early:
-            clusters = index.select(q, self.kind, hint)
+            clusters = self._clusters(layer, query, hint)
         if self.retriever.selection == "same_layer":
             keep, positions, counts = self._select(layer, store, clusters, past)
             buffer = self._gather(slot % 2, store, positions, counts)
@@ -224,28 +258,46 @@ class DeviceStreamingCache(StreamingKVCache):
                 self._prefetch(nxt, *self._select(nxt, store, clusters, past))
         if self.trace is not None:
             self.trace.append((layer, self.kind, keep))
+        k = key.reshape(batch * self.num_kv_heads, tokens, self.head_dim)
+        v = value.reshape(batch * self.num_kv_heads, tokens, self.head_dim)
         buffer[:, :, past : past + tokens] = torch.stack([k, v]).to(buffer.dtype)
         chunk = self._chunk
-        out = attend_gathered(q, buffer[:, :, : chunk.length], counts, past, scaling,
-                              chunk.attention_mask(q.shape[0] // self.num_kv_heads))
+        heads = query.shape[1]
+        out = attend_gathered(query.reshape(batch * heads, tokens, self.head_dim), buffer[:, :, : chunk.length],
+                              counts, past, scaling, chunk.attention_mask(heads // self.num_kv_heads))
         self._note_visited(layer)
         store.append(k, v, groups)
-        return out[None]
+        return out.reshape(tokens, batch, heads, self.head_dim).transpose(0, 1)
 
-    def _select(self, layer: int, store: RingLayerStore, clusters: torch.Tensor | None, past: int):
-        """What ``layer`` attends to, from cluster selection ``clusters`` over ``store``'s positions (``None``:
-        every position): (kv_heads, past) keep mask, ascending positions per head and their counts; the
-        usage counters of ``layer`` are updated on the device."""
+    def _clusters(self, layer: int, query: torch.Tensor, hint: torch.Tensor | None) -> list:
+        """Each stream's cluster selection of ``layer`` (``None`` entries: every group)."""
+        return [self.stream_indexes[b][layer].select(query[b], self.kind, hint) for b in range(self.streams)]
+
+    def _select(self, layer: int, store: RingLayerStore, clusters: list, past: int):
+        """What ``layer`` attends to, from each stream's cluster selection over ``store``'s positions:
+        (store heads, past) keep mask, ascending positions per head and their counts; the usage counters of
+        ``layer`` are updated on the device."""
         chunk, total = self._chunk, self._selected[self.kind][layer]
-        if clusters is None:
+        if all(c is None for c in clusters):
             total += chunk.columns.sum(0)
             return chunk.dense()
-        if clusters.shape[1] == 0:  # no cluster yet: the text positions only
-            keep = (~chunk.frame).expand(self.num_kv_heads, -1).contiguous()
-            count_selected(total, keep, chunk.columns)
-            return (keep, *compact(keep, chunk.positions))
-        return select_positions(clusters, store.groups[:past], chunk.frame, self.retriever.keep_first,
-                                self.retriever.keep_recent, self.frames_seen, chunk.positions, total, chunk.columns)
+        if self.streams == 1 and clusters[0].shape[1]:
+            return select_positions(clusters[0], store.groups[0, :past], chunk.frame, self.retriever.keep_first,
+                                    self.retriever.keep_recent, self.frames_seen, chunk.positions, total,
+                                    chunk.columns)
+        keep = torch.cat([self._kept(c, store.groups[b, :past]) for b, c in enumerate(clusters)])
+        count_selected(total, keep, chunk.columns)
+        return (keep, *compact(keep, chunk.positions))
+
+    def _kept(self, clusters: torch.Tensor | None, groups: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, past) keep mask of one stream (text always; no cluster yet: the text only)."""
+        frame = self._chunk.frame
+        if clusters is None:
+            return torch.ones(self.num_kv_heads, frame.shape[0], dtype=torch.bool, device=self.device)
+        if clusters.shape[1] == 0:
+            return (~frame).expand(self.num_kv_heads, -1).contiguous()
+        return kept_positions(clusters, groups, frame, self.retriever.keep_first, self.retriever.keep_recent,
+                              self.frames_seen)
 
     def _gather(self, which: int, store: RingLayerStore, positions: torch.Tensor, counts: torch.Tensor
                 ) -> torch.Tensor:
@@ -285,25 +337,32 @@ class DeviceStreamingCache(StreamingKVCache):
         self._pending[layer] = (keep, buffer, counts, event)
 
     def _note_visited(self, layer: int) -> None:
-        """The visited fraction of the bucketed WiCSum, summed on the device (same_layer, as the reference)."""
-        visited = self.indexes[layer].visited_fraction()
-        if visited is not None and self.frames_seen and self.retriever.selection == "same_layer":
-            held = self._visited[self.kind][layer]
-            self._visited[self.kind][layer] = visited if held is None else held + visited
+        """The visited fraction of the bucketed WiCSum (mean over the streams), summed on the device
+        (same_layer, as the reference)."""
+        if not self.frames_seen or self.retriever.selection != "same_layer":
+            return
+        fractions = [indexes[layer].visited_fraction() for indexes in self.stream_indexes]
+        if any(f is None for f in fractions):
+            return
+        visited = fractions[0] if self.streams == 1 else torch.stack(fractions).mean(0)
+        held = self._visited[self.kind][layer]
+        self._visited[self.kind][layer] = visited if held is None else held + visited
 
     # -- statistics ----------------------------------------------------------------------------------------
     def _stored_frame_tokens(self) -> int:
-        return sum(int((s.groups[: s.tokens] >= 0).sum()) for s in self.store.layers)
+        return sum(int((s.groups[:, : s.tokens] >= 0).sum()) for s in self.store.layers)
 
     def _usage_now(self) -> None:
-        """Fill the reference's per-layer ``_Usage`` records from the device counters (reads them)."""
-        kv = self.num_kv_heads
+        """Fill the reference's per-layer ``_Usage`` records from the device counters (reads them); with
+        several streams, each KV head's counts are summed over the streams."""
+        kv, b = self.num_kv_heads, self.streams
         self.usage = {stage: {} for stage in STAGES}
         for stage in STAGES:
             chunks, frames = self._counted[stage]
-            offloaded = float(self._offloaded[stage])
+            frames *= b
+            offloaded = float(self._offloaded[stage]) * b
             for layer in self.full_layers:
-                counts = self._selected[stage][layer].double().cpu()
+                counts = self._selected[stage][layer].double().cpu().reshape(b, kv, 3).sum(0)
                 visited = self._visited[stage][layer]
                 self.usage[stage][layer] = _Usage(
                     counts[:, 0], torch.full((kv,), float(frames), dtype=torch.float64), counts[:, 1],
@@ -319,7 +378,7 @@ class DeviceStreamingCache(StreamingKVCache):
         out = super().stats()
         out["path"] = "device"
         out["host_reads_in_layers"] = self.host_reads
-        head_bytes = self.store.layers[0].token_bytes // self.num_kv_heads if self.store.layers else 0
+        head_bytes = self.store.layers[0].token_bytes // self.store.layers[0].num_kv_heads if self.store.layers else 0
         out["store"]["moved_bytes"]["fetched_host"] = self.fetched_host_tokens() * head_bytes
         return out
 
@@ -339,7 +398,7 @@ class _ChunkState:
 
     @classmethod
     def of(cls, store: RingLayerStore, past: int, tokens: int, length: int) -> _ChunkState:
-        frame = store.groups[:past] >= 0
+        frame = store.groups[0, :past] >= 0  # streams advance in lockstep: the same kinds everywhere
         offloaded = torch.arange(past, device=frame.device) < store.split
         columns = torch.stack([frame, frame & offloaded, offloaded], 1).to(torch.float32)
         positions = torch.arange(past, device=frame.device).expand(store.num_kv_heads, -1)

@@ -11,7 +11,11 @@ Layout of both tiers: (2, num_kv_heads, slots, head_dim), K and V planes, each h
 host tier is in arrival order, not cluster order: the clusters a selection takes are known only on the
 device, and the gather reads scattered tokens at close to the link's rate (``benchmarks/kv_gather.py``).
 
-Budgets (``TierBudget``, split equally across layers): ``device_bytes`` sets the ring (``None``: every
+Streams of a batch advance in lockstep (same chunk lengths): their KV heads are stacked as the store's heads
+(stream b's at ``[b * kv, (b + 1) * kv)``), so one gather serves them all; each stream keeps its own cluster
+ids (``groups``: (streams, positions)).
+
+Budgets (``TierBudget``, split equally across layers, shared by a batch's streams): ``device_bytes`` sets the ring (``None``: every
 position stays on the device, the ring grows and nothing is offloaded), ``host_bytes`` caps the host tier.
 The host tier grows by doubling in ``reserve``, called once per chunk before the forward pass (a growth
 waits for the copies in flight into the old buffer; it happens O(log n) times). There is no disk tier on
@@ -33,10 +37,10 @@ class RingLayerStore:
     """K/V and cluster ids of one layer's stream positions (see the module docstring)."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
-                 window: int | None, host_tokens: int | None) -> None:
+                 window: int | None, host_tokens: int | None, streams: int = 1) -> None:
         if window is not None and window < 1:
             raise KVBudgetError(f"the device budget holds {window} tokens per layer; raise device_bytes")
-        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.num_kv_heads, self.head_dim, self.dtype, self.streams = num_kv_heads, head_dim, dtype, streams
         self.device = torch.device(device)
         self.window, self.host_cap = window, host_tokens
         self.token_bytes = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -45,7 +49,7 @@ class RingLayerStore:
         self.ring = _zeros((2, num_kv_heads, window or 64, head_dim), dtype, self.device)
         self.host = self.ring if window is None else _zeros((2, num_kv_heads, 64, head_dim), dtype, self.device,
                                                             pinned=self.pinned)
-        self.groups = torch.full((64,), -1, dtype=torch.int64, device=self.device)
+        self.groups = torch.full((streams, 64), -1, dtype=torch.int64, device=self.device)
 
     # -- occupancy -------------------------------------------------------------------------------------------
     @property
@@ -77,9 +81,10 @@ class RingLayerStore:
         """Make room for ``incoming`` more positions (checked first; growth by doubling)."""
         self.check_room(incoming)
         need = self.tokens + incoming
-        if need > self.groups.shape[0]:
-            grown = torch.full((max(need, 2 * self.groups.shape[0]),), -1, dtype=torch.int64, device=self.device)
-            grown[: self.tokens] = self.groups[: self.tokens]
+        if need > self.groups.shape[1]:
+            grown = torch.full((self.streams, max(need, 2 * self.groups.shape[1])), -1, dtype=torch.int64,
+                               device=self.device)
+            grown[:, : self.tokens] = self.groups[:, : self.tokens]
             self.groups = grown
         if self.window is None:
             if need > self.ring.shape[2]:
@@ -98,14 +103,14 @@ class RingLayerStore:
 
     # -- writes ----------------------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor) -> None:
-        """Store one chunk: keys/values (num_kv_heads, tokens, head_dim), groups (tokens,) cluster ids
-        (-1 or below for text). ``reserve`` must have made room."""
+        """Store one chunk: keys/values (num_kv_heads, tokens, head_dim), groups (streams, tokens) (or
+        (tokens,) for one stream) cluster ids (-1 or below for text). ``reserve`` must have made room."""
         n = keys.shape[1]
         start = self.tokens
-        if start + n > self.groups.shape[0] or (self.window is None and start + n > self.ring.shape[2]):
+        if start + n > self.groups.shape[1] or (self.window is None and start + n > self.ring.shape[2]):
             raise RuntimeError("RingLayerStore.append without reserve")
         kv = torch.stack([keys, values]).to(self.dtype)
-        self.groups[start : start + n] = groups.to(self.device)
+        self.groups[:, start : start + n] = groups.to(self.device).reshape(self.streams, n)
         if self.window is None:
             self.ring[:, :, start : start + n] = kv
         else:
@@ -119,7 +124,7 @@ class RingKVStore:
     """One ``RingLayerStore`` per full-attention layer, sharing a ``TierBudget``."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, budget: TierBudget | None = None) -> None:
+                 device: torch.device | str, budget: TierBudget | None = None, streams: int = 1) -> None:
         budget = budget or TierBudget()
         if budget.disk_bytes is not None or budget.disk_dir is not None:
             raise ValueError("the device streaming path keeps offloaded KV in pinned host memory and has no disk "
@@ -131,7 +136,7 @@ class RingKVStore:
             return None if total is None else total // max(num_layers, 1) // token_bytes
 
         self.layers = [RingLayerStore(num_kv_heads, head_dim, dtype, device, per_layer(budget.device_bytes),
-                                      per_layer(budget.host_bytes)) for _ in range(num_layers)]
+                                      per_layer(budget.host_bytes), streams) for _ in range(num_layers)]
 
     def __getitem__(self, layer: int) -> RingLayerStore:
         return self.layers[layer]
