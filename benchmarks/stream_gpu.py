@@ -44,7 +44,8 @@ from lfmsift.kv.device_cache import DeviceStreamingCache
 from lfmsift.kv.resv import DeviceReSVIndex, ReSV
 from lfmsift.models.adapters import cache_argument, describe
 
-PAPER_RATIOS = {FRAME: 0.327, TEXT: 0.025}  # V-Rex Table II: ReSV's retrieval ratios, frame / text stage
+PAPER_RATIOS = {FRAME: 0.327, TEXT: 0.025}
+DEVICE, DTYPE = "cuda", torch.bfloat16  # ``--tiny``: the CPU and fp32  # V-Rex Table II: ReSV's retrieval ratios, frame / text stage
 
 
 class PinnedRatioIndex(DeviceReSVIndex):
@@ -74,15 +75,23 @@ class PinnedReSV(ReSV):
         return PinnedRatioIndex(self, layer, num_kv_heads, head_dim, device, window)
 
 
-def llama3_8b(layers: int):
+def llama3_8b(layers: int, device: str = "cuda", tiny: bool = False):
+    """A random-weight Llama-3-8B-shaped model (bf16) cut to ``layers``; ``tiny``: the same layout at toy
+    sizes (fp32), for checking the benchmark itself on a CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+    if tiny:
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                             max_position_embeddings=131072, rope_theta=500000.0)
     config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -90,31 +99,33 @@ def llama3_8b(layers: int):
 
 
 def stream_embeddings(tokens: int, frame_tokens: int, hidden: int, seed: int = 0) -> torch.Tensor:
-    """(1, tokens, hidden) bf16: each frame's embeddings its base plus token noise; the base drifts slowly."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    """(1, tokens, hidden) bf16: each frame's embeddings its base plus token noise; the base drifts slowly
+    (one stream; ``seed`` picks which)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     frames = -(-tokens // frame_tokens)
-    steps = torch.randn(frames, hidden, device="cuda", generator=gen) * 0.3
-    base = torch.randn(1, hidden, device="cuda", generator=gen) + steps.cumsum(0) / frames ** 0.5
-    emb = base.repeat_interleave(frame_tokens, 0)[:tokens] + 0.5 * torch.randn(tokens, hidden, device="cuda",
+    steps = torch.randn(frames, hidden, device=DEVICE, generator=gen) * 0.3
+    base = torch.randn(1, hidden, device=DEVICE, generator=gen) + steps.cumsum(0) / frames ** 0.5
+    emb = base.repeat_interleave(frame_tokens, 0)[:tokens] + 0.5 * torch.randn(tokens, hidden, device=DEVICE,
                                                                                  generator=gen)
-    return (emb * 0.02).to(torch.bfloat16)[None]
+    return (emb * 0.02).to(DTYPE)[None]
 
 
 @torch.no_grad()
 def dense_prefill(model, embeds: torch.Tensor, chunk: int = 4096) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Post-RoPE K/V of every layer for ``embeds`` (plain sdpa attention), each (kv_heads, tokens, head_dim)."""
+    """Post-RoPE K/V of every layer for ``embeds`` (streams, tokens, hidden) (plain sdpa attention), each
+    (streams, kv_heads, tokens, head_dim)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     for start in range(0, embeds.shape[1], chunk):
         model.model(inputs_embeds=embeds[:, start : start + chunk], **cache_argument(model, cache), use_cache=True)
-    keys = [layer.keys[0] for layer in cache.layers]
-    values = [layer.values[0] for layer in cache.layers]
-    return keys, values
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
 def link_gbps() -> float:
     """Pinned host-to-device copy bandwidth (best of 5 copies of 256 MiB)."""
+    if DEVICE == "cpu":
+        return float("nan")
     host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty_like(host, device="cuda")
     best = float("inf")
@@ -129,6 +140,8 @@ def link_gbps() -> float:
 
 def hbm_gbps() -> float:
     """Device-to-device copy bandwidth (bytes read + written, best of 5 copies of 2 GiB)."""
+    if DEVICE == "cpu":
+        return float("nan")
     a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     best = float("inf")
@@ -145,6 +158,12 @@ def hbm_gbps() -> float:
 def timed(fn, host: list | None = None) -> float:
     """Milliseconds of ``fn`` on the GPU (CUDA events); ``host`` gets the milliseconds the host took to issue
     it (close to the GPU time when the step is bound by launches, not by the device)."""
+    if DEVICE == "cpu":
+        t = time.perf_counter()
+        fn()
+        if host is not None:
+            host.append((time.perf_counter() - t) * 1e3)
+        return (time.perf_counter() - t) * 1e3
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -159,6 +178,8 @@ def timed(fn, host: list | None = None) -> float:
 
 def launch_us(count: int = 2000) -> float:
     """Host microseconds per small kernel launch on this machine (a one-element in-place add)."""
+    if DEVICE == "cpu":
+        return float("nan")
     x = torch.zeros(1, device="cuda")
     for _ in range(100):
         x.add_(1)
@@ -178,30 +199,37 @@ def retriever_for(method: str, selection: str, ratio_mode: str):
 
 
 @torch.no_grad()
-def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, method, selection, ratio_mode):
+def prefix(tensors: list[torch.Tensor], streams: int, start: int, stop: int) -> list[torch.Tensor]:
+    """Positions [start, stop) of the first ``streams`` streams, as ``add_chunk`` takes them per layer."""
+    return [t[:streams, :, start:stop].reshape(-1, stop - start, t.shape[-1]) for t in tensors]
+
+
+@torch.no_grad()
+def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, method, selection, ratio_mode,
+            batch: int = 1):
     cfg = model.config
     dim = cfg.hidden_size // cfg.num_attention_heads
-    token_bytes = 2 * cfg.num_key_value_heads * dim * 2
-    budget = TierBudget(device_bytes=args.window * token_bytes * cfg.num_hidden_layers)
-    cache = DeviceStreamingCache(describe(model), retriever, budget)
+    token_bytes = 2 * cfg.num_key_value_heads * dim * torch.empty((), dtype=DTYPE).element_size()
+    budget = TierBudget(device_bytes=args.window * token_bytes * cfg.num_hidden_layers * batch)
+    cache = DeviceStreamingCache(describe(model), retriever, budget, streams=batch)
     install(cache)
     rows = []
     gen = torch.Generator().manual_seed(0)
-    per_head = dim * 2 * 2  # K and V of one token and KV head, bf16
+    per_head = dim * 2 * torch.empty((), dtype=DTYPE).element_size()  # K and V of one token and KV head
     try:
         loaded = 0
         next_embed = max(args.caches) + 64
         for target in args.caches:
             while loaded < target:
                 n = min(args.load_chunk, target - loaded)
-                cache.add_chunk([k[:, loaded : loaded + n] for k in keys], [v[:, loaded : loaded + n] for v in values])
+                cache.add_chunk(prefix(keys, batch, loaded, loaded + n), prefix(values, batch, loaded, loaded + n))
                 loaded += n
             for index in cache.indexes.values():  # the bound of the index's table, read outside the timed steps
                 if hasattr(index, "table"):
                     index.table.sync_bound()
             frame_ms, frame_bytes, frame_host_ms = [], [], []
             for f in range(args.frames + 1):  # the first frame warms up
-                chunk = embeds[:, next_embed : next_embed + args.frame_tokens]
+                chunk = embeds[:batch, next_embed : next_embed + args.frame_tokens]
                 next_embed += args.frame_tokens
                 before = cache.fetched_host_tokens()
 
@@ -210,13 +238,15 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                     model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
                     cache.end(chunk.shape[1])
 
+                if f == 1:
+                    first_past = cache.seen  # what the timed frames attend to, the extra tokens of earlier lengths included
                 host = []
                 ms = timed(step, host)
                 if f:
                     frame_ms.append(ms)
                     frame_host_ms.append(host[0])
                     frame_bytes.append((cache.fetched_host_tokens() - before) * per_head)
-            question = torch.randint(0, cfg.vocab_size, (1, args.question), generator=gen).cuda()
+            question = torch.randint(0, cfg.vocab_size, (batch, args.question), generator=gen).to(DEVICE)
             cache.begin(TEXT, question.shape[1])
             logits = model(input_ids=question, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits
             cache.end(question.shape[1])
@@ -245,8 +275,9 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["weights"]
             row = {
                 "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
-                "batch": 1, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
-                "frame_ms": f_ms, "fps": 1e3 / f_ms, "tpot_ms": t_ms, "frame_host_ms": statistics.median(frame_host_ms),
+                "batch": batch, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
+                "past_tokens_first_frame": first_past,
+                "frame_ms": f_ms, "fps": 1e3 / f_ms, "fps_all_streams": batch * 1e3 / f_ms, "tpot_ms": t_ms, "frame_host_ms": statistics.median(frame_host_ms),
                 "fetched_bytes_per_frame": f_bytes, "fetched_bytes_per_token": t_bytes,
                 "h2d_gbps": f_bytes / (f_ms * 1e6), "pinned_gbps": pinned,
                 "limit_ms": limit, "of_limit": limit / f_ms, "tpot_limit_ms": t_limit, "tpot_of_limit": t_limit / t_ms,
@@ -255,7 +286,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 "host_reads_in_layers": stats["host_reads_in_layers"],
             }
             rows.append(row)
-            print(f"{method:13s} {selection:14s} {ratio_mode:8s} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
+            print(f"{method:13s} {selection:14s} {ratio_mode:8s} b{batch} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
                   f"  tpot {t_ms:7.2f} ms  fetched {f_bytes / 1e6:8.1f} MB/frame  {row['h2d_gbps']:5.1f} GB/s"
                   f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})  host {row['frame_host_ms']:.1f} ms", flush=True)
     finally:
@@ -269,8 +300,11 @@ def sync_check(model, keys, values, embeds, args) -> dict:
     """Host synchronisations during one ReSV frame step, counted by CUDA's sync debug mode."""
     cfg = model.config
     dim = cfg.hidden_size // cfg.num_attention_heads
-    budget = TierBudget(device_bytes=args.window * 2 * cfg.num_key_value_heads * dim * 2 * cfg.num_hidden_layers)
+    budget = TierBudget(device_bytes=args.window * 2 * cfg.num_key_value_heads * dim * cfg.num_hidden_layers
+                        * torch.empty((), dtype=DTYPE).element_size())
     out = {}
+    if DEVICE == "cpu":
+        return {"skipped": "CUDA's sync debug mode needs a GPU"}
     for selection in ("same_layer", "previous_layer"):
         cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
         install(cache)
@@ -278,8 +312,8 @@ def sync_check(model, keys, values, embeds, args) -> dict:
             n = min(args.caches)
             for start in range(0, n, args.frame_tokens):
                 m = min(args.frame_tokens, n - start)
-                cache.add_chunk([k[:, start : start + m] for k in keys], [v[:, start : start + m] for v in values])
-            chunk = embeds[:, n : n + args.frame_tokens]
+                cache.add_chunk(prefix(keys, 1, start, start + m), prefix(values, 1, start, start + m))
+            chunk = embeds[:1, n : n + args.frame_tokens]
             for _ in range(2):  # warm up
                 cache.begin(FRAME, chunk.shape[1])
                 model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
@@ -317,30 +351,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=8)
     parser.add_argument("--methods", default="full,resv:same_layer,resv:previous_layer,streamingllm,rekv")
     parser.add_argument("--ratio-modes", default="measured,paper")
+    parser.add_argument("--batches", default="1", help="streams per forward (lockstep), e.g. 1,4")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a toy model of the same layout on the CPU: checks the benchmark, measures nothing")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
     args.caches = sorted(int(c) for c in args.caches.split(","))
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --tiny, which checks the benchmark on the CPU)", file=sys.stderr)
         return 2
-    model = llama3_8b(args.layers)
+    model = llama3_8b(args.layers, DEVICE, args.tiny)
     cfg = model.config
     total = max(args.caches) + 64 + (args.frames + 1) * args.frame_tokens * len(args.caches) * 2 + 4096
-    embeds = stream_embeddings(total, args.frame_tokens, cfg.hidden_size)
+    embeds = torch.cat([stream_embeddings(total, args.frame_tokens, cfg.hidden_size, seed=b)
+                        for b in range(max(batches))])
     t = time.perf_counter()
     keys, values = dense_prefill(model, embeds[:, : max(args.caches)])
     print(f"dense prefill of {max(args.caches)} tokens: {time.perf_counter() - t:.1f} s", flush=True)
     pinned = link_gbps()
     launch = launch_us()
     with torch.no_grad():
-        frame = embeds[:, :args.frame_tokens]
+        frame = embeds[:1, :args.frame_tokens]
         for _ in range(3):
             model(inputs_embeds=frame, logits_to_keep=1)
         dense_ms = {"frame": statistics.median(timed(lambda: model(inputs_embeds=frame, logits_to_keep=1))
                                                for _ in range(10)),
                     "token": statistics.median(timed(lambda: model(inputs_embeds=frame[:, :1])) for _ in range(10))}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= model.model.embed_tokens.weight.numel() * 2  # an embedding lookup reads a few rows
+    weight_bytes -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()  # a lookup reads a few rows
     hbm = hbm_gbps()
     dense_ms["weights"] = weight_bytes / (hbm * 1e9) * 1e3
     print(f"weights read {weight_bytes / 1e9:.2f} GB at {hbm:.0f} GB/s: {dense_ms['weights']:.2f} ms")
@@ -353,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         selection = selection or "same_layer"
         modes = args.ratio_modes.split(",") if method == "resv" else ["measured"]
         for mode in modes:
-            rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args, dense_ms,
-                            pinned, method, selection, mode)
+            for batch in batches:
+                rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args, dense_ms,
+                                pinned, method, selection, mode, batch)
             if args.json:  # after every method, so that a run cut short keeps what it measured
                 write(args.json, rows, argv, pinned, launch, dense_ms, syncs)
     return 0
@@ -362,15 +404,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(path: Path, rows: list[dict], argv, pinned: float, launch: float, dense_ms: dict, syncs: dict) -> None:
     """The JSON record, with each row's speedups against full fetch at the same cache length."""
-    full = {r["cache_tokens"]: r for r in rows if r["method"] == "full"}
+    full = {(r["cache_tokens"], r["batch"]): r for r in rows if r["method"] == "full"}
     for r in rows:
-        base = full.get(r["cache_tokens"])
+        base = full.get((r["cache_tokens"], r["batch"]))
         if base:
             r["frame_speedup_vs_full"] = base["frame_ms"] / r["frame_ms"]
             r["tpot_speedup_vs_full"] = base["tpot_ms"] / r["tpot_ms"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "pinned_gbps": pinned, "launch_us": launch, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
     }, indent=1))
