@@ -21,7 +21,11 @@ every past token. Two buffers alternate between consecutive layers.
 
 Clusters close when their newest member leaves the device ring (``cluster_window="store"``, the paper's
 "clustering within the recent KV cache"); the reference closes the groups its LRU store offloads, so the
-two agree exactly when nothing is offloaded (``cluster_window=None`` turns closing off). Batch 1.
+two agree exactly when nothing is offloaded (``cluster_window=None`` turns closing off).
+
+``streams=B``: B streams advancing in lockstep in one forward (the paper's batches of 4 and 8 streams); each
+stream clusters and selects with its own indexes, the stores and buffers stack the streams' KV heads, so the
+compaction, the gather and the attention are one call each for the whole batch.
 """
 
 from __future__ import annotations
