@@ -7,7 +7,9 @@ ATen operation dispatched during one frame step (``TorchDispatchMode``), for eac
 path and for transformers' own attention (sdpa, a dense ``DynamicCache``) as the baseline, per layer.
 The in-chunk leader walk and the two-tier gather are one Triton launch each on CUDA; on the CPU they are
 loops of tensor operations, so each call counts as one operation here (``launch_ops_on_cpu`` gives what
-their CPU forms dispatched). The counts do not depend on the cache length.
+their CPU forms dispatched). The same for the opt-in WiCSum kernel (``LFMSIFT_WICSUM_KERNEL=1``): its row
+stands the kernel in by the PyTorch rule and counts it as one launch. The counts do not depend on the
+cache length.
 
     python benchmarks/stream_ops.py --json results/stream_ops.json
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lfmsift.kv.device_cache as device_cache
 import lfmsift.kv.device_clusters as device_clusters
+from lfmsift.kernels import wicsum_rows
+from lfmsift.kv.wicsum import shift_nonpositive, wicsum_bucketed
 from lfmsift.kv import TierBudget, get_retriever
 from lfmsift.kv.cache import new_cache, uninstall
 from lfmsift.models.adapters import cache_argument
@@ -32,6 +37,34 @@ from lfmsift.models.tiny import tiny_model
 
 
 LAUNCHES = [(device_clusters, "founders"), (device_cache, "gather_positions")]  # one Triton launch each on CUDA
+
+
+def wicsum_kernel_on_cpu(scores, counts, ratio, rowmask, seen, nonpositive, shifted, buckets):
+    """What ``kernels.wicsum_rows.launch`` writes, computed by the PyTorch rule (counted as one launch)."""
+    valid = counts > 0
+    rows = shift_nonpositive(scores, counts, valid) if shifted else scores
+    mask, share = wicsum_bucketed(rows, counts, float(ratio), buckets, valid)
+    rowmask.copy_(mask)
+    seen.copy_(share)
+    nonpositive.copy_(torch.where(valid, scores.double() * counts, 0.0).sum(-1) <= 0)
+
+
+class WicsumKernelOnCpu:
+    """Within it, ``select_clusters_padded`` takes its kernel path, the kernel standing in as above."""
+
+    def __init__(self, counter: "OpCounter") -> None:
+        self.counter = counter
+
+    def __enter__(self):
+        self.saved = (wicsum_rows.enabled, wicsum_rows.available, wicsum_rows.launch)
+        wicsum_rows.enabled = lambda: True
+        wicsum_rows.available = lambda scores: True
+        wicsum_rows.launch = wicsum_kernel_on_cpu
+        as_one_launch(wicsum_rows, "launch", self.counter)
+        return self
+
+    def __exit__(self, *exc):
+        wicsum_rows.enabled, wicsum_rows.available, wicsum_rows.launch = self.saved
 
 
 class OpCounter(TorchDispatchMode):
@@ -69,7 +102,8 @@ def as_one_launch(module, name: str, counter: OpCounter):
 
 
 @torch.no_grad()
-def count_step(model, retriever: str | None, options: dict, frames: int, frame_tokens: int, window: int) -> dict:
+def count_step(model, retriever: str | None, options: dict, frames: int, frame_tokens: int, window: int,
+               wicsum_kernel: bool = False) -> dict:
     layers = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (1, (frames + 1) * frame_tokens),
                         generator=torch.Generator().manual_seed(0))
@@ -95,7 +129,7 @@ def count_step(model, retriever: str | None, options: dict, frames: int, frame_t
         counter = OpCounter()
         patched = [(m, n, as_one_launch(m, n, counter)) for m, n in LAUNCHES]
         try:
-            with counter:
+            with counter, (WicsumKernelOnCpu(counter) if wicsum_kernel else contextlib.nullcontext()):
                 cache.begin("frame", frame_tokens)
                 model(ids[:, frames * frame_tokens :], **cache_argument(model, cache))
                 cache.end(frame_tokens)
@@ -122,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     configs = [("sdpa (dense cache)", None, {}), ("full", "full", {}), ("resv", "resv", {}),
                ("resv bucketed", "resv", {"buckets": 20}),
                ("resv bucketed previous_layer", "resv", {"buckets": 20, "selection": "previous_layer"}),
+               ("resv bucketed, WiCSum kernel", "resv", {"buckets": 20}),
                ("streamingllm", "streamingllm", {"window": 64})]
     rows = []
     base = None
     for label, retriever, options in configs:
-        r = count_step(model, retriever, options, args.frames, args.frame_tokens, args.window)
+        r = count_step(model, retriever, options, args.frames, args.frame_tokens, args.window,
+                       wicsum_kernel="kernel" in label)
         base = r["per_layer"] if retriever is None else base
         r.update(method=label, retriever=retriever, options=options, over_sdpa_per_layer=r["per_layer"] - base)
         rows.append(r)

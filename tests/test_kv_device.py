@@ -459,3 +459,53 @@ def test_a_batch_of_streams_equals_each_stream_alone(device, name, options):
         ratios.append(alone_stats["frame_stage"]["retrieval_ratio"])
     assert stats["frame_stage"]["retrieval_ratio"] == pytest.approx(sum(ratios) / streams)
     assert stats["store"]["bytes"]["host"] > 0
+
+
+def _triton_cuda() -> bool:
+    from lfmsift.kernels import wicsum_rows
+
+    return torch.cuda.is_available() and wicsum_rows.triton is not None
+
+
+def _interpreted() -> bool:
+    import os
+
+    from lfmsift.kernels import wicsum_rows
+
+    return wicsum_rows.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not (_triton_cuda() or _interpreted()),
+                    reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
+@pytest.mark.parametrize("buckets, nonpositive", [(20, "top"), (20, "shifted"), (7, "top"), (1, "shifted")])
+def test_wicsum_kernel_equals_the_pytorch_rule(buckets, nonpositive):
+    """The one-launch bucketed WiCSum against ``select_clusters_padded``'s PyTorch form, on padded tables of
+    many lengths, rows with weighted sums of both signs (on the GPU, or on the CPU under the interpreter)."""
+    from lfmsift.kernels.wicsum_rows import wicsum_rows
+    from lfmsift.kv.wicsum import select_clusters_padded
+
+    where = "cuda" if _triton_cuda() else "cpu"
+
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        kv, rows, dim = 2, 5, 16
+        clusters = int(torch.randint(1, 3000, (1,), generator=gen))
+        counts = torch.randint(1, 9, (clusters,), generator=gen) * (torch.rand(clusters, generator=gen) < 0.7)
+        sums = (torch.randn(kv, clusters, dim, generator=gen) * counts[None, :, None] + 0.4 * (seed % 2))
+        sums = sums * (counts > 0)[None, :, None]
+        queries = torch.randn(6, rows, dim, generator=gen) - 0.5 * (seed % 3)
+        want, want_visited, want_nonpositive = select_clusters_padded(queries, sums, counts, 0.3, buckets, "raw",
+                                                                      nonpositive)
+        means = (sums / counts.clamp(min=1)[None, :, None]).to(where)
+        scores = queries.to(where).reshape(kv, 3 * rows, dim) @ means.transpose(1, 2)
+        got, visited, nonpositive_rows = wicsum_rows(scores, counts.to(where), 0.3, buckets, nonpositive == "shifted")
+        assert torch.equal(got.cpu(), want), seed
+        torch.testing.assert_close(visited.cpu(), want_visited)
+        assert int(nonpositive_rows) == int(want_nonpositive)
+
+
+@pytest.mark.skipif(not _triton_cuda(), reason="needs CUDA and Triton")
+def test_device_cache_with_the_wicsum_kernel_selects_the_reference_tokens(monkeypatch):
+    monkeypatch.setenv("LFMSIFT_WICSUM_KERNEL", "1")
+    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs("cuda", "llama", "resv",
+                                                                          {"buckets": 20, "nonpositive": "shifted"})

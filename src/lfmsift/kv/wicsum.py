@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from lfmsift.kernels import wicsum_rows
+
 DEFAULT_WICSUM_RATIO = 0.3
 DEFAULT_BUCKETS = 20
 
@@ -237,7 +239,8 @@ def select_clusters_padded(
     computed once and shared by the non-positive count, the shift and the rule. Returns the
     (num_kv_heads, clusters) selection, the visited fraction per KV head (bucketed rule; else ``None``) and
     the number of WiCSum rows with a weighted sum <= 0; the same values as ``select_clusters`` with
-    ``valid = counts > 0`` (tested)."""
+    ``valid = counts > 0`` (tested). With ``LFMSIFT_WICSUM_KERNEL=1`` on CUDA the bucketed rule over raw
+    scores runs as one Triton launch (``lfmsift.kernels.wicsum_rows``)."""
     _check_ratio(ratio)
     if nonpositive not in NONPOSITIVE_RULES:
         raise ValueError(f"nonpositive must be one of {NONPOSITIVE_RULES}, got {nonpositive!r}")
@@ -253,6 +256,10 @@ def select_clusters_padded(
     scores = queries.reshape(kv_heads, heads // kv_heads * rows, dim).to(sums.dtype) @ means.transpose(1, 2)
     if score_mode != "raw":
         scores = transform_scores(scores, score_mode, dim ** -0.5, valid)
+    if buckets is not None and score_mode == "raw" and wicsum_rows.enabled() and wicsum_rows.available(scores):
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets}")
+        return wicsum_rows.wicsum_rows(scores, counts, ratio, buckets, nonpositive == "shifted")
     n = counts.to(torch.float64)
     s = scores.to(torch.float64)
     w = torch.where(valid, s * n, 0.0)
