@@ -509,3 +509,52 @@ def test_device_cache_with_the_wicsum_kernel_selects_the_reference_tokens(monkey
     monkeypatch.setenv("LFMSIFT_WICSUM_KERNEL", "1")
     test_device_cache_selects_the_reference_tokens_and_gives_its_outputs("cuda", "llama", "resv",
                                                                           {"buckets": 20, "nonpositive": "shifted"})
+
+
+def _assign_kernel_device() -> str | None:
+    from lfmsift.kernels import cluster_assign
+
+    if cluster_assign.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if _interpreted() else None
+
+
+@pytest.mark.skipif(_assign_kernel_device() is None,
+                    reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
+@pytest.mark.parametrize("threshold", [0, 3, 7, 40])
+def test_assignment_kernel_clusters_as_the_reference(monkeypatch, threshold):
+    """The one-launch assignment (``LFMSIFT_ASSIGN_KERNEL=1``) against ``HashClusterTable``: ids, hashes (64-bit
+    patterns, the sign bit included), counts, means and open flags, chunk after chunk with closes between."""
+    monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
+    device = _assign_kernel_device()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(threshold * 10 + seed)
+        ref = HashClusterTable(2, 4, threshold)
+        dev = DeviceClusterTable(2, 4, threshold, device)
+        assert dev.fused
+        for chunk in range(10):
+            tokens = int(torch.randint(0, 20, (1,), generator=gen))
+            hashes = torch.randint(-2**40, 2**40, (tokens,), generator=gen) if seed == 2 else \
+                torch.randint(0, 1 << 9, (tokens,), generator=gen)
+            keys = torch.randn(2, tokens, 4, generator=gen)
+            assert dev.assign(keys.to(device), hashes.to(device)).cpu().tolist() == ref.assign(keys, hashes).tolist()
+            if chunk % 3 == 2 and ref.size:
+                closed = torch.randperm(ref.size, generator=gen)[: ref.size // 2]
+                ref.close(closed)
+                dev.close(closed)
+        n = ref.size
+        assert int(dev.size) == n and dev.sync_bound() == n
+        assert torch.equal(dev.hashes.cpu(), ref.hashes) and torch.equal(dev.counts.cpu(), ref.counts)
+        torch.testing.assert_close(dev.representatives.cpu(), ref.representatives, rtol=1e-5, atol=1e-5)
+        assert dev.is_open().cpu().tolist() == ref.is_open.tolist()
+
+
+@pytest.mark.skipif(not _triton_cuda(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("selection", ["same_layer", "previous_layer"])
+def test_device_cache_with_both_kernels_selects_the_reference_tokens(monkeypatch, selection):
+    monkeypatch.setenv("LFMSIFT_WICSUM_KERNEL", "1")
+    monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
+    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(
+        "cuda", "llama", "resv", {"buckets": 20, "selection": selection})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from lfmsift.kernels import cluster_assign
 from lfmsift.kernels.cluster_walk import founders
 from lfmsift.kernels.compiled import fused
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD
@@ -119,7 +120,11 @@ class DeviceClusterTable:
         self.bound = 0  # host-side upper bound of the number of clusters
         self.size = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0  # stream positions seen (the chunk's first position is the caller's)
-        # One spare row past the capacity takes the writes of tokens that found nothing (``assign_and_write``).
+        # The one-launch assignment (``kernels.cluster_assign``, opt-in) keeps packed hashes; the PyTorch
+        # path keeps 0/1 bit rows, with one spare row past the capacity for the writes of tokens that found
+        # nothing (``assign_and_write``).
+        self.fused = cluster_assign.enabled() and cluster_assign.available(self.device)
+        self._hashes = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._bits = torch.zeros(1, bits, dtype=torch.float32, device=self.device)
         self._ones = torch.zeros(1, dtype=torch.float32, device=self.device)
         self._sums = torch.zeros(num_kv_heads, 1, head_dim, dtype=torch.float32, device=self.device)
@@ -136,8 +141,8 @@ class DeviceClusterTable:
 
     @property
     def hashes(self) -> torch.Tensor:
-        """(bound,) int64 founder hashes (packed from the bit rows; 0 in empty slots)."""
-        return pack_bits(self._bits[: self.bound])
+        """(bound,) int64 founder hashes (0 in empty slots)."""
+        return self._hashes[: self.bound] if self.fused else pack_bits(self._bits[: self.bound])
 
     @property
     def representatives(self) -> torch.Tensor:
@@ -162,7 +167,23 @@ class DeviceClusterTable:
 
         keys: (num_kv_heads, tokens, head_dim) post-RoPE; hashes: (tokens,) int64 from ``hash_bits``;
         ``position``: the stream position of the chunk's first token (default: the positions seen so far)."""
-        return self.assign_bits(keys, unpack_bits(hashes.to(self.device), self.bits), position)
+        if not self.fused:
+            return self.assign_bits(keys, unpack_bits(hashes.to(self.device), self.bits), position)
+        tokens = hashes.shape[0]
+        if keys.shape != (self.num_kv_heads, tokens, self.head_dim):
+            raise ValueError(f"keys must be ({self.num_kv_heads}, {tokens}, {self.head_dim}), got {tuple(keys.shape)}")
+        position = self.seen if position is None else position
+        self._tighten_bound()
+        lowest = _GONE // 2 if self.window is None else position - self.window
+        self._grow(self.bound + tokens + 1)
+        cluster = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if tokens:
+            cluster, self.size = cluster_assign.assign_chunk(
+                hashes.to(self.device), keys.to(self.device), position, lowest, self.threshold, self.bound,
+                self.size, self._hashes, self._counts, self._newest, self._sums)
+        self.bound += tokens
+        self.seen = max(self.seen, position + tokens)
+        return cluster
 
     def assign_bits(self, keys: torch.Tensor, rows: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """``assign`` with the hashes as (tokens, bits) fp32 0/1 rows (what ``DeviceReSVIndex`` computes)."""
@@ -198,8 +219,11 @@ class DeviceClusterTable:
 
     def _grow(self, need: int) -> None:
         """Slots for ``need`` clusters, the last one spare: it takes the writes of tokens that found nothing."""
-        self._bits = _grown(self._bits, need)
-        self._ones = _grown(self._ones, need)
+        if self.fused:
+            self._hashes = _grown(self._hashes, need)
+        else:
+            self._bits = _grown(self._bits, need)
+            self._ones = _grown(self._ones, need)
         self._sums = _grown(self._sums, need, dim=1)
         self._counts = _grown(self._counts, need)
         self._newest = _grown(self._newest, need, fill=_GONE)

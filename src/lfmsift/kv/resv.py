@@ -98,6 +98,8 @@ class DeviceReSVIndex(ReSVIndex):
         self._key_sum = self._key_sum.to(device)
 
     def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        if self.table.fused:  # the one-launch assignment takes packed hashes
+            return self.table.assign(keys, self.hash_keys(keys), position)
         rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)  # the bits of ``hash_bits``
         return self.table.assign_bits(keys, rows, position)
 
