@@ -475,6 +475,16 @@ def _interpreted() -> bool:
     return wicsum_rows.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _assign_kernel_device() -> str | None:
+    from lfmsift.kernels import cluster_assign
+
+    if cluster_assign.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if _interpreted() else None
+
+
 @pytest.mark.skipif(not (_triton_cuda() or _interpreted()),
                     reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
 @pytest.mark.parametrize("buckets, nonpositive", [(20, "top"), (20, "shifted"), (7, "top"), (1, "shifted")])
@@ -504,21 +514,12 @@ def test_wicsum_kernel_equals_the_pytorch_rule(buckets, nonpositive):
         assert int(nonpositive_rows) == int(want_nonpositive)
 
 
-@pytest.mark.skipif(not _triton_cuda(), reason="needs CUDA and Triton")
+@pytest.mark.skipif(_assign_kernel_device() is None,
+                    reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
 def test_device_cache_with_the_wicsum_kernel_selects_the_reference_tokens(monkeypatch):
     monkeypatch.setenv("LFMSIFT_WICSUM_KERNEL", "1")
-    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs("cuda", "llama", "resv",
+    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(_assign_kernel_device(), "llama", "resv",
                                                                           {"buckets": 20, "nonpositive": "shifted"})
-
-
-def _assign_kernel_device() -> str | None:
-    from lfmsift.kernels import cluster_assign
-
-    if cluster_assign.triton is None:
-        return None
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu" if _interpreted() else None
 
 
 @pytest.mark.skipif(_assign_kernel_device() is None,
@@ -551,10 +552,12 @@ def test_assignment_kernel_clusters_as_the_reference(monkeypatch, threshold):
         assert dev.is_open().cpu().tolist() == ref.is_open.tolist()
 
 
-@pytest.mark.skipif(not _triton_cuda(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("selection", ["same_layer", "previous_layer"])
-def test_device_cache_with_both_kernels_selects_the_reference_tokens(monkeypatch, selection):
+@pytest.mark.skipif(_assign_kernel_device() is None,
+                    reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
+@pytest.mark.parametrize("options", [{"buckets": 20}, {"buckets": 20, "selection": "previous_layer"},
+                                     {"buckets": 20, "nonpositive": "shifted", "center_keys": True}])
+def test_device_cache_with_both_kernels_selects_the_reference_tokens(monkeypatch, options):
     monkeypatch.setenv("LFMSIFT_WICSUM_KERNEL", "1")
     monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
-    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(
-        "cuda", "llama", "resv", {"buckets": 20, "selection": selection})
+    test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(_assign_kernel_device(), "llama", "resv",
+                                                                          options)

@@ -35,7 +35,8 @@ def enabled() -> bool:
 
 
 def available(scores: torch.Tensor) -> bool:
-    return triton is not None and scores.is_cuda
+    """CUDA tensors, or any under Triton's interpreter (``TRITON_INTERPRET=1``, for testing on a CPU)."""
+    return triton is not None and (scores.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
