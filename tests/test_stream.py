@@ -106,6 +106,17 @@ def test_stream_cli_on_a_text_file(smollm2, data_dir, tmp_path):
     assert 0 < record["stats"]["frame_stage"]["retrieval_ratio"] < 1
     result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--device-bytes", "1K"])
     assert result.exit_code == 2 and "device budget" in result.output
+    # the device path from the CLI (run eagerly on the CPU here): the same kind of record, its path named
+    result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--chunk-tokens", "128",
+                                      "--cache-path", "device", "--device-bytes", "16M", "--ask", "What is it about?",
+                                      "--max-new-tokens", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["stats"]["path"] == "device" and record["answers"][0]["tokens"] >= 1
+    assert record["stats"]["store"]["bytes"]["host"] > 0 and record["stats"]["store"]["moved_bytes"]["fetched_host"] > 0
+    result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--cache-path", "device",
+                                      "--disk-bytes", "1G"])
+    assert result.exit_code == 2 and "no disk tier" in result.output
 
 
 @pytest.mark.real
