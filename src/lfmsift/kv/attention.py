@@ -24,18 +24,20 @@ def chunk_mask(start: int, length: int, tokens: int, group: int, device: torch.d
 
 
 def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, group: int,
-                  chunk: torch.Tensor | None = None) -> torch.Tensor:
+                  chunk: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
     """(kv_heads, group * tokens, length) bool: row ``g * tokens + t`` of head h sees its selected past
-    ``[0, counts[h])`` and the chunk up to itself (``chunk``: ``chunk_mask``, when already built)."""
+    ``[0, counts[h])`` and the chunk up to itself (``chunk``: ``chunk_mask``, ``slots``: ``arange(length)``,
+    when already built)."""
     if chunk is None:
         chunk = chunk_mask(start, length, tokens, group, counts.device)
-    j = torch.arange(length, device=counts.device)
+    j = torch.arange(length, device=counts.device) if slots is None else slots
     return (j < counts[:, None, None]) | chunk[None]
 
 
 @fused
 def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
-                    scaling: float, chunk: torch.Tensor | None = None) -> torch.Tensor:
+                    scaling: float, chunk: torch.Tensor | None = None, slots: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring; ``chunk``: the
     chunk's part of the mask (``chunk_mask``), shared by the layers of one chunk.
     Returns (tokens, heads, head_dim), the layout transformers' attention functions return."""
@@ -43,7 +45,7 @@ def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Ten
     kv_heads, length = buffer.shape[1], buffer.shape[2]
     group = heads // kv_heads
     q = query.reshape(kv_heads, 1, group * tokens, dim)
-    mask = gathered_mask(counts, start, length, tokens, group, chunk)[:, None]
+    mask = gathered_mask(counts, start, length, tokens, group, chunk, slots)[:, None]
     out = F.scaled_dot_product_attention(q, buffer[0, :, None].to(q.dtype), buffer[1, :, None].to(q.dtype),
                                          attn_mask=mask, scale=scaling)
     return out.reshape(heads, tokens, dim).transpose(0, 1)

@@ -264,13 +264,14 @@ class DeviceStreamingCache(StreamingKVCache):
             self.trace.append((layer, self.kind, keep))
         k = key.reshape(batch * self.num_kv_heads, tokens, self.head_dim)
         v = value.reshape(batch * self.num_kv_heads, tokens, self.head_dim)
-        buffer[:, :, past : past + tokens] = torch.stack([k, v]).to(buffer.dtype)
+        kv = torch.stack([k, v])
+        buffer[:, :, past : past + tokens] = kv
         chunk = self._chunk
         heads = query.shape[1]
         out = attend_gathered(query.reshape(batch * heads, tokens, self.head_dim), buffer[:, :, : chunk.length],
-                              counts, past, scaling, chunk.attention_mask(heads // self.num_kv_heads))
+                              counts, past, scaling, chunk.attention_mask(heads // self.num_kv_heads), chunk.slots)
         self._note_visited(layer)
-        store.append(k, v, groups)
+        store.append_kv(kv, groups)
         return out.reshape(tokens, batch, heads, self.head_dim).transpose(0, 1)
 
     def _clusters(self, layer: int, query: torch.Tensor, hint: torch.Tensor | None) -> list:
@@ -398,6 +399,7 @@ class _ChunkState:
     frame: torch.Tensor  # (past,) bool: streamed (frame) positions
     columns: torch.Tensor  # (past, 3) fp32: frame, frame & offloaded, offloaded
     positions: torch.Tensor  # (kv_heads, past) int64 view of arange(past)
+    slots: torch.Tensor  # (length,) arange of the gathered buffer's slots
     _built: dict
 
     @classmethod
@@ -405,8 +407,9 @@ class _ChunkState:
         frame = store.groups[0, :past] >= 0  # streams advance in lockstep: the same kinds everywhere
         offloaded = torch.arange(past, device=frame.device) < store.split
         columns = torch.stack([frame, frame & offloaded, offloaded], 1).to(torch.float32)
-        positions = torch.arange(past, device=frame.device).expand(store.num_kv_heads, -1)
-        return cls(past, tokens, length, frame, columns, positions, {})
+        slots = torch.arange(length, device=frame.device)
+        positions = slots[:past].expand(store.num_kv_heads, -1)
+        return cls(past, tokens, length, frame, columns, positions, slots, {})
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every past position kept: (keep mask, positions, counts), built once per chunk."""

@@ -105,17 +105,24 @@ class RingLayerStore:
     def append(self, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor) -> None:
         """Store one chunk: keys/values (num_kv_heads, tokens, head_dim), groups (streams, tokens) (or
         (tokens,) for one stream) cluster ids (-1 or below for text). ``reserve`` must have made room."""
-        n = keys.shape[1]
+        self.append_kv(torch.stack([keys, values]), groups)
+
+    def append_kv(self, kv: torch.Tensor, groups: torch.Tensor) -> None:
+        """``append`` with K and V already stacked: (2, num_kv_heads, tokens, head_dim)."""
+        n = kv.shape[2]
         start = self.tokens
         if start + n > self.groups.shape[1] or (self.window is None and start + n > self.ring.shape[2]):
             raise RuntimeError("RingLayerStore.append without reserve")
-        kv = torch.stack([keys, values]).to(self.dtype)
-        self.groups[:, start : start + n] = groups.to(self.device).reshape(self.streams, n)
+        kv = kv.to(self.dtype)
+        self.groups[:, start : start + n] = groups.reshape(self.streams, n)
         if self.window is None:
             self.ring[:, :, start : start + n] = kv
         else:
-            slots = torch.arange(start, start + n, device=self.device) % self.window
-            self.ring.index_copy_(2, slots, kv)
+            first = start % self.window  # the ring slots of the chunk: contiguous, or two runs when it wraps
+            head = min(n, self.window - first)
+            self.ring[:, :, first : first + head] = kv[:, :, :head]
+            if head < n:
+                self.ring[:, :, : n - head] = kv[:, :, head:]
             self.host[:, :, start : start + n].copy_(kv, non_blocking=self.pinned)
         self.tokens += n
 
