@@ -42,12 +42,21 @@ def test_founders_walk_equals_the_python_walk(device):
 @pytest.mark.parametrize("threshold", [0, 2, 3, 5, 7, 40])
 def test_device_table_clusters_as_the_reference(device, threshold):
     """Same ids, hashes, counts and means chunk after chunk, with clusters closed in between."""
-    gen = torch.Generator().manual_seed(threshold)
-    ref = HashClusterTable(2, 4, threshold)
     dev = DeviceClusterTable(2, 4, threshold, device)
+    _cluster_like_the_reference(dev, threshold, torch.Generator().manual_seed(threshold), max_tokens=12, atol=1e-6)
+
+
+def _cluster_like_the_reference(dev: DeviceClusterTable, threshold: int, gen: torch.Generator, max_tokens: int,
+                                wide_hashes: bool = False, atol: float = 1e-5) -> None:
+    """Stream random chunks into ``dev`` and into the reference ``HashClusterTable`` (closing half of the
+    clusters every third chunk): the same ids chunk after chunk, then the same hashes, counts, means and open
+    flags. ``wide_hashes``: 64-bit patterns, the sign bit included (else 9-bit hashes, which cluster)."""
+    device = dev.device
+    ref = HashClusterTable(2, 4, threshold)
     for chunk in range(10):
-        tokens = int(torch.randint(0, 12, (1,), generator=gen))
-        hashes = torch.randint(0, 1 << 9, (tokens,), generator=gen)
+        tokens = int(torch.randint(0, max_tokens, (1,), generator=gen))
+        hashes = torch.randint(-2**40, 2**40, (tokens,), generator=gen) if wide_hashes else \
+            torch.randint(0, 1 << 9, (tokens,), generator=gen)
         keys = torch.randn(2, tokens, 4, generator=gen)
         assert dev.assign(keys.to(device), hashes.to(device)).cpu().tolist() == ref.assign(keys, hashes).tolist()
         if chunk % 3 == 2 and ref.size:
@@ -56,9 +65,8 @@ def test_device_table_clusters_as_the_reference(device, threshold):
             dev.close(closed)
     n = ref.size
     assert int(dev.size) == n and dev.bound >= n and dev.sync_bound() == n
-    assert torch.equal(dev.hashes.cpu(), ref.hashes)
-    assert torch.equal(dev.counts.cpu(), ref.counts)
-    torch.testing.assert_close(dev.representatives.cpu(), ref.representatives, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dev.hashes.cpu(), ref.hashes) and torch.equal(dev.counts.cpu(), ref.counts)
+    torch.testing.assert_close(dev.representatives.cpu(), ref.representatives, rtol=1e-5, atol=atol)
     assert dev.is_open().cpu().tolist() == ref.is_open.tolist()
 
 
@@ -529,27 +537,11 @@ def test_assignment_kernel_clusters_as_the_reference(monkeypatch, threshold):
     """The one-launch assignment (``LFMSIFT_ASSIGN_KERNEL=1``) against ``HashClusterTable``: ids, hashes (64-bit
     patterns, the sign bit included), counts, means and open flags, chunk after chunk with closes between."""
     monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
-    device = _assign_kernel_device()
     for seed in range(3):
-        gen = torch.Generator().manual_seed(threshold * 10 + seed)
-        ref = HashClusterTable(2, 4, threshold)
-        dev = DeviceClusterTable(2, 4, threshold, device)
+        dev = DeviceClusterTable(2, 4, threshold, _assign_kernel_device())
         assert dev.fused
-        for chunk in range(10):
-            tokens = int(torch.randint(0, 20, (1,), generator=gen))
-            hashes = torch.randint(-2**40, 2**40, (tokens,), generator=gen) if seed == 2 else \
-                torch.randint(0, 1 << 9, (tokens,), generator=gen)
-            keys = torch.randn(2, tokens, 4, generator=gen)
-            assert dev.assign(keys.to(device), hashes.to(device)).cpu().tolist() == ref.assign(keys, hashes).tolist()
-            if chunk % 3 == 2 and ref.size:
-                closed = torch.randperm(ref.size, generator=gen)[: ref.size // 2]
-                ref.close(closed)
-                dev.close(closed)
-        n = ref.size
-        assert int(dev.size) == n and dev.sync_bound() == n
-        assert torch.equal(dev.hashes.cpu(), ref.hashes) and torch.equal(dev.counts.cpu(), ref.counts)
-        torch.testing.assert_close(dev.representatives.cpu(), ref.representatives, rtol=1e-5, atol=1e-5)
-        assert dev.is_open().cpu().tolist() == ref.is_open.tolist()
+        _cluster_like_the_reference(dev, threshold, torch.Generator().manual_seed(threshold * 10 + seed),
+                                    max_tokens=20, wide_hashes=seed == 2)
 
 
 @pytest.mark.skipif(_assign_kernel_device() is None,

@@ -56,28 +56,6 @@ def gather_tokens_reference(source: torch.Tensor, slots: torch.Tensor, counts: t
     return out
 
 
-if triton is not None:
-
-    @triton.jit
-    def _gather_kernel(src, slots, counts, out, src_slots, capacity,
-                       HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-        block = tl.program_id(0)
-        head = tl.program_id(1)
-        plane = tl.program_id(2)  # 0: K, 1: V
-        n = tl.load(counts + head)
-        start = block * BLOCK_T
-        if start < n:
-            rows = start + tl.arange(0, BLOCK_T)
-            valid = rows < n
-            slot = tl.load(slots + head.to(tl.int64) * capacity + rows, mask=valid, other=0)
-            cols = tl.arange(0, DIM)
-            base = (plane * HEADS + head).to(tl.int64)
-            values = tl.load(src + (base * src_slots + slot)[:, None] * DIM + cols[None, :],
-                             mask=valid[:, None], other=0.0)
-            tl.store(out + (base * capacity + rows.to(tl.int64))[:, None] * DIM + cols[None, :], values,
-                     mask=valid[:, None])
-
-
 def gather_tokens(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, out: torch.Tensor,
                   block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
     """Gather the selected slots of every KV head into ``out`` (see the module docstring).
@@ -88,14 +66,8 @@ def gather_tokens(source: torch.Tensor, slots: torch.Tensor, counts: torch.Tenso
     _check(source, slots, counts, out)
     if not available(source, out):
         return gather_tokens_reference(source, slots, counts, out)
-    _, heads, src_slots, dim = source.shape
-    if dim & (dim - 1):
-        raise ValueError(f"head_dim must be a power of two for the Triton gather, got {dim}")
-    capacity = slots.shape[1]
-    grid = (triton.cdiv(max(capacity, 1), block_tokens), heads, 2)
-    _gather_kernel[grid](source, slots, counts.to(torch.int32), out, src_slots, capacity,
-                         HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
-    return out
+    # One tier: every slot below the split, so the two-tier kernel reads them all from ``source``.
+    return gather_positions(source, source, source.shape[2], slots, counts, out, block_tokens=block_tokens)
 
 
 def _check_two_tier(host: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor,

@@ -68,11 +68,12 @@ class _StreamLayer(CacheLayerMixin):
         return -1
 
 
-def always_kept(frame: torch.Tensor, first: int, recent: int) -> torch.Tensor:
+def always_kept(frame: torch.Tensor, first: int, recent: int, count: int | None = None) -> torch.Tensor:
     """(past,) bool: the first ``first`` and the last ``recent`` of the past streamed tokens (``frame``
-    marks them among all past tokens), the tokens a retriever's ``keep_first`` / ``keep_recent`` keep."""
+    marks them among all past tokens), the tokens a retriever's ``keep_first`` / ``keep_recent`` keep.
+    ``count``: how many streamed tokens ``frame`` marks, when the caller knows it (else it is read)."""
     order = frame.cumsum(0) - 1  # index of each streamed token in the stream
-    count = int(frame.sum())
+    count = int(frame.sum()) if count is None else count
     return frame & ((order < first) | (order >= count - recent))
 
 

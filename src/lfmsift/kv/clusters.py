@@ -22,13 +22,14 @@ DEFAULT_HAMMING_THRESHOLD = 7
 _BITS64 = (1 << 64) - 1
 
 
-def _grow(t: torch.Tensor, needed: int, dim: int = 0) -> torch.Tensor:
-    """Return ``t`` enlarged along ``dim`` (capacity doubling) so that it holds at least ``needed`` rows."""
+def _grow(t: torch.Tensor, needed: int, dim: int = 0, fill: float = 0) -> torch.Tensor:
+    """Return ``t`` enlarged along ``dim`` (capacity doubling) so that it holds at least ``needed`` rows;
+    new rows hold ``fill``."""
     if t.shape[dim] >= needed:
         return t
     shape = list(t.shape)
     shape[dim] = max(needed, 2 * shape[dim], 16)
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
 

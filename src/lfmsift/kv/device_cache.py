@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lfmsift.kv.attention import attend_gathered, chunk_mask
-from lfmsift.kv.cache import FRAME, STAGES, StreamingKVCache, _Usage
+from lfmsift.kv.cache import FRAME, STAGES, StreamingKVCache, _Usage, always_kept
 from lfmsift.kv.device_store import RingKVStore, RingLayerStore
 from lfmsift.kv.retriever import LayerIndex
 from lfmsift.kernels.compiled import fused
@@ -75,8 +75,7 @@ def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Te
     first ``first`` and last ``recent`` of the ``frames`` streamed positions."""
     keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
     if first or recent:
-        order = frame.cumsum(0) - 1  # index of each streamed token in the stream
-        keep = keep | (frame & ((order < first) | (order >= frames - recent)))
+        keep = keep | always_kept(frame, first, recent, frames)
     return keep
 
 

@@ -29,20 +29,10 @@ from lfmsift.kernels import cluster_assign
 from lfmsift.kernels.cluster_walk import founders
 from lfmsift.kernels.compiled import fused
 from lfmsift.kv.clusters import DEFAULT_HAMMING_THRESHOLD
+from lfmsift.kv.clusters import _grow as _grown
 
 _FAR = float(1 << 20)  # a distance no threshold reaches
 _GONE = -(1 << 62)  # ``newest`` of an empty or closed slot: older than any window
-
-
-def _grown(t: torch.Tensor, needed: int, dim: int = 0, fill: float = 0) -> torch.Tensor:
-    """``t`` with at least ``needed`` entries along ``dim`` (capacity doubling, new entries ``fill``)."""
-    if t.shape[dim] >= needed:
-        return t
-    shape = list(t.shape)
-    shape[dim] = max(needed, 2 * shape[dim], 64)
-    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out
 
 
 def unpack_bits(hashes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -87,6 +87,11 @@ def bucket_of(scores: torch.Tensor, buckets: int = DEFAULT_BUCKETS, valid: torch
         valid = valid.to(s.device)
         hi = torch.where(valid, s, float("-inf")).max(-1, keepdim=True).values
         lo = torch.where(valid, s, float("inf")).min(-1, keepdim=True).values
+    return _bucket_index(s, hi, lo, buckets)
+
+
+def _bucket_index(s: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, buckets: int) -> torch.Tensor:
+    """``floor((hi - s) / width)``, ``width = (hi - lo) / buckets`` (0 where the width is 0), clamped."""
     width = (hi - lo) / buckets
     ok = width > 0
     idx = torch.where(ok, torch.floor((hi - s) / torch.where(ok, width, 1.0)), torch.zeros_like(s))
@@ -283,12 +288,7 @@ def select_clusters_padded(
         return mask.any(1), None, nonpositive_rows
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
-    hi = ranked.amax(-1, keepdim=True)
-    lo = (s - bias).amin(-1, keepdim=True)
-    width = (hi - lo) / buckets
-    wide = width > 0
-    b = torch.where(wide, torch.floor((hi - s) / torch.where(wide, width, 1.0)), 0.0)
-    b = torch.nan_to_num(b).clamp_(0, buckets - 1).to(torch.int64)
+    b = _bucket_index(s, ranked.amax(-1, keepdim=True), (s - bias).amin(-1, keepdim=True), buckets)
     per_bucket = torch.zeros(kv_heads, s.shape[1], buckets, dtype=s.dtype, device=s.device).scatter_add_(-1, b, w)
     exit_bucket = (per_bucket.cumsum(-1) > ratio * total).to(torch.int8).argmax(-1, keepdim=True)
     visited = b <= exit_bucket
