@@ -29,7 +29,9 @@ A one-frame check under CUDA's sync debug mode counts host synchronisations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -204,9 +206,46 @@ def prefix(tensors: list[torch.Tensor], streams: int, start: int, stop: int) -> 
     return [t[:streams, :, start:stop].reshape(-1, stop - start, t.shape[-1]) for t in tensors]
 
 
+KERNEL_SWITCHES = ("LFMSIFT_ASSIGN_KERNEL", "LFMSIFT_WICSUM_KERNEL")
+
+
+@contextlib.contextmanager
+def kernel_setting(kernels: str):
+    """The fused clustering and WiCSum kernels switched ``on`` / ``off`` (or left as the environment has
+    them: ``default``) while a cache is built and measured."""
+    if kernels not in ("on", "off", "default"):
+        raise ValueError(f"--kernels takes on, off or default, got {kernels!r}")
+    saved = {k: os.environ.get(k) for k in KERNEL_SWITCHES}
+    if kernels != "default":
+        os.environ.update({k: "1" if kernels == "on" else "0" for k in KERNEL_SWITCHES})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def profile_step(step, path: Path) -> None:
+    """Host time per operator of one ``step`` (torch.profiler, CPU and CUDA activities) written as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"kernel launches: {launches}\n" + events.table(sort_by="self_cpu_time_total", row_limit=40))
+
+
 @torch.no_grad()
 def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, method, selection, ratio_mode,
-            batch: int = 1):
+            batch: int = 1, kernels: str = "default"):
     cfg = model.config
     dim = cfg.hidden_size // cfg.num_attention_heads
     token_bytes = 2 * cfg.num_key_value_heads * dim * torch.empty((), dtype=DTYPE).element_size()
@@ -246,6 +285,11 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                     frame_ms.append(ms)
                     frame_host_ms.append(host[0])
                     frame_bytes.append((cache.fetched_host_tokens() - before) * per_head)
+            if args.profile and target == args.caches[-1]:  # one more frame, untimed
+                chunk = embeds[:batch, next_embed : next_embed + args.frame_tokens]
+                next_embed += args.frame_tokens
+                profile_step(lambda chunk=chunk: step(chunk), args.profile /
+                             f"{method}_{selection}_{ratio_mode}_b{batch}_kernels-{kernels}.txt")
             question = torch.randint(0, cfg.vocab_size, (batch, args.question), generator=gen).to(DEVICE)
             cache.begin(TEXT, question.shape[1])
             logits = model(input_ids=question, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits
@@ -275,7 +319,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["weights"]
             row = {
                 "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
-                "batch": batch, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
+                "batch": batch, "kernels": kernels, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
                 "past_tokens_first_frame": first_past,
                 "frame_ms": f_ms, "fps": 1e3 / f_ms, "fps_all_streams": batch * 1e3 / f_ms, "tpot_ms": t_ms, "frame_host_ms": statistics.median(frame_host_ms),
                 "fetched_bytes_per_frame": f_bytes, "fetched_bytes_per_token": t_bytes,
@@ -286,7 +330,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 "host_reads_in_layers": stats["host_reads_in_layers"],
             }
             rows.append(row)
-            print(f"{method:13s} {selection:14s} {ratio_mode:8s} b{batch} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
+            print(f"{method:13s} {selection:14s} {ratio_mode:8s} b{batch} k-{kernels:7s} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
                   f"  tpot {t_ms:7.2f} ms  fetched {f_bytes / 1e6:8.1f} MB/frame  {row['h2d_gbps']:5.1f} GB/s"
                   f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})  host {row['frame_host_ms']:.1f} ms", flush=True)
     finally:
@@ -352,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="full,resv:same_layer,resv:previous_layer,streamingllm,rekv")
     parser.add_argument("--ratio-modes", default="measured,paper")
     parser.add_argument("--batches", default="1", help="streams per forward (lockstep), e.g. 1,4")
+    parser.add_argument("--kernels", default="default",
+                        help="the fused Triton kernels of clustering and WiCSum per row: off, on or default "
+                             "(what the environment says), e.g. off,on for both side by side")
+    parser.add_argument("--profile", type=Path,
+                        help="a folder: per method and kernel setting, the host time per operator of one frame "
+                             "step at the longest cache (torch.profiler), as a text table")
     parser.add_argument("--tiny", action="store_true",
                         help="a toy model of the same layout on the CPU: checks the benchmark, measures nothing")
     parser.add_argument("--json", type=Path)
@@ -395,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         modes = args.ratio_modes.split(",") if method == "resv" else ["measured"]
         for mode in modes:
             for batch in batches:
-                rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args, dense_ms,
-                                pinned, method, selection, mode, batch)
+                for kernels in args.kernels.split(","):
+                    with kernel_setting(kernels):
+                        rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args,
+                                        dense_ms, pinned, method, selection, mode, batch, kernels)
             if args.json:  # after every method, so that a run cut short keeps what it measured
                 write(args.json, rows, argv, pinned, launch, dense_ms, syncs)
     return 0
@@ -404,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(path: Path, rows: list[dict], argv, pinned: float, launch: float, dense_ms: dict, syncs: dict) -> None:
     """The JSON record, with each row's speedups against full fetch at the same cache length."""
-    full = {(r["cache_tokens"], r["batch"]): r for r in rows if r["method"] == "full"}
+    full = {(r["cache_tokens"], r["batch"], r["kernels"]): r for r in rows if r["method"] == "full"}
     for r in rows:
-        base = full.get((r["cache_tokens"], r["batch"]))
+        base = full.get((r["cache_tokens"], r["batch"], r["kernels"]))
         if base:
             r["frame_speedup_vs_full"] = base["frame_ms"] / r["frame_ms"]
             r["tpot_speedup_vs_full"] = base["tpot_ms"] / r["tpot_ms"]
@@ -414,6 +466,7 @@ def write(path: Path, rows: list[dict], argv, pinned: float, launch: float, dens
     path.write_text(json.dumps({
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/stream_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LFMSIFT_")},
         "pinned_gbps": pinned, "launch_us": launch, "dense_forward_ms": dense_ms, "sync_check": syncs, "rows": rows,
     }, indent=1))
 

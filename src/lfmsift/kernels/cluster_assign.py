@@ -25,8 +25,6 @@ try:  # Triton is optional: CPU machines and CI run the PyTorch path
 except Exception:  # pragma: no cover - depends on the installation
     triton = None
 
-FAR = 1 << 20  # a distance no threshold reaches
-
 
 def enabled() -> bool:
     """Opt-in (``LFMSIFT_ASSIGN_KERNEL=1``) until the kernel has been checked and timed on a GPU; its rule is
@@ -39,6 +37,7 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    FAR = tl.constexpr(1 << 20)  # a distance no threshold reaches
 
     @triton.jit
     def _popcount(x):

@@ -144,7 +144,7 @@ def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positio
     ``out[:, h, out_offset : out_offset + counts[h]]``. No host read; falls back to
     ``gather_positions_reference`` where Triton cannot run."""
     _check_two_tier(host, ring, positions, counts, out, out_offset)
-    if not (triton is not None and out.is_cuda and ring.is_cuda and (host.is_cuda or host.is_pinned())):
+    if not (triton is not None and out.is_cuda and all(t.is_cuda or t.is_pinned() for t in (host, ring))):
         return gather_positions_reference(host, ring, split, positions, counts, out, out_offset)
     _, heads, _, dim = ring.shape
     if dim & (dim - 1):
