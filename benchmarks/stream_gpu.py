@@ -21,7 +21,8 @@ Per row: frame latency and FPS, time per output token, bytes fetched from the ho
 token, the achieved host-to-device rate, the bytes limit (fetched bytes / measured pinned host-to-device
 bandwidth + the weights' bytes / measured device copy bandwidth) and the share of it reached; beside it the
 measured forward of one frame with no past (transformers' eager model: what the host needs to issue it).
-A one-frame check under CUDA's sync debug mode counts host synchronisations.
+A one-frame check under CUDA's sync debug mode counts host synchronisations, and one frame issued behind a
+second-long GPU sleep shows whether the host waits anywhere (it returns at once unless it does).
 
     python benchmarks/stream_gpu.py --json results/stream_gpu_h200.json      (on a CUDA machine)
 """
@@ -206,18 +207,20 @@ def prefix(tensors: list[torch.Tensor], streams: int, start: int, stop: int) -> 
     return [t[:streams, :, start:stop].reshape(-1, stop - start, t.shape[-1]) for t in tensors]
 
 
-KERNEL_SWITCHES = ("LFMSIFT_ASSIGN_KERNEL", "LFMSIFT_WICSUM_KERNEL")
+KERNEL_SWITCHES = ("LFMSIFT_ASSIGN_KERNEL", "LFMSIFT_WICSUM_KERNEL", "LFMSIFT_APPEND_KERNEL")
+KERNEL_SETTINGS = {"off": "000", "append": "001", "on": "111"}
 
 
 @contextlib.contextmanager
 def kernel_setting(kernels: str):
-    """The fused clustering and WiCSum kernels switched ``on`` / ``off`` (or left as the environment has
-    them: ``default``) while a cache is built and measured."""
-    if kernels not in ("on", "off", "default"):
-        raise ValueError(f"--kernels takes on, off or default, got {kernels!r}")
+    """The fused kernels of the device path switched while a cache is built and measured: ``off`` (none:
+    strided copies append to the host tier), ``append`` (only the one-launch append), ``on`` (the
+    clustering and WiCSum kernels too), or ``default`` (what the environment says)."""
+    if kernels not in (*KERNEL_SETTINGS, "default"):
+        raise ValueError(f"--kernels takes {', '.join(KERNEL_SETTINGS)} or default, got {kernels!r}")
     saved = {k: os.environ.get(k) for k in KERNEL_SWITCHES}
     if kernels != "default":
-        os.environ.update({k: "1" if kernels == "on" else "0" for k in KERNEL_SWITCHES})
+        os.environ.update(dict(zip(KERNEL_SWITCHES, KERNEL_SETTINGS[kernels])))
     try:
         yield
     finally:
@@ -373,8 +376,25 @@ def sync_check(model, keys, values, embeds, args) -> dict:
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
-            out[selection] = {"host_syncs_in_frame_step": len(syncs), "messages": sorted(set(syncs))[:10]}
-            print(f"sync check {selection}: {len(syncs)} host synchronisations in one frame step", flush=True)
+            # The debug mode misses waits hidden in copies (e.g. through pageable memory): issue one more
+            # frame behind a GPU sleep of about a second; the host returns at once unless something waits.
+            chunk = embeds[:1, n + args.frame_tokens : n + 2 * args.frame_tokens]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000_000)
+            t = time.perf_counter()
+            cache.begin(FRAME, chunk.shape[1])
+            model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+            cache.end(chunk.shape[1])
+            issued = (time.perf_counter() - t) * 1e3
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            torch.cuda._sleep(2_000_000_000)
+            torch.cuda.synchronize()
+            sleep_ms = (time.perf_counter() - t) * 1e3
+            out[selection] = {"host_syncs_in_frame_step": len(syncs), "messages": sorted(set(syncs))[:10],
+                              "host_ms_issuing_a_frame_behind_a_gpu_sleep": issued, "gpu_sleep_ms": sleep_ms}
+            print(f"sync check {selection}: {len(syncs)} host synchronisations in one frame step; behind a "
+                  f"{sleep_ms:.0f} ms GPU sleep the host issued a frame in {issued:.1f} ms", flush=True)
         finally:
             uninstall(cache)
             cache.close()
@@ -397,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio-modes", default="measured,paper")
     parser.add_argument("--batches", default="1", help="streams per forward (lockstep), e.g. 1,4")
     parser.add_argument("--kernels", default="default",
-                        help="the fused Triton kernels of clustering and WiCSum per row: off, on or default "
-                             "(what the environment says), e.g. off,on for both side by side")
+                        help="the device path's fused Triton kernels per row: off, append (the one-launch store "
+                             "append only), on (clustering and WiCSum too) or default (the environment's), "
+                             "e.g. off,append,on side by side")
     parser.add_argument("--profile", type=Path,
                         help="a folder: per method and kernel setting, the host time per operator of one frame "
                              "step at the longest cache (torch.profiler), as a text table")

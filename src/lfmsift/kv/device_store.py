@@ -1,8 +1,9 @@
 """The KV store of the GPU streaming path: a device ring of recent positions over a pinned host tier.
 
 Per full-attention layer, every stream position p is written twice when it arrives: into a device ring of
-``window`` slots (slot p % window) and into a host tier (slot p) in pinned memory, by an asynchronous copy
-from the device. Positions older than the last ``window`` are read from the host tier only, in place over
+``window`` slots (slot p % window) and into a host tier (slot p) in pinned memory, by one kernel that
+stores into both (``kernels.kv_append``: a strided copy into pinned memory would stage through pageable
+memory and hold the host). Positions older than the last ``window`` are read from the host tier only, in place over
 the link (``kernels.kv_gather.gather_positions``), so a selection never stages through pageable memory and
 no copy call is issued per run. Every slot is known from the position alone: nothing is planned on the
 host from device data, so appending and reading never wait for the device.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from lfmsift.kernels.kv_append import append_positions
 from lfmsift.kv.store import KVBudgetError, TierBudget
 
 
@@ -117,13 +119,8 @@ class RingLayerStore:
         self.groups[:, start : start + n] = groups.reshape(self.streams, n)
         if self.window is None:
             self.ring[:, :, start : start + n] = kv
-        else:
-            first = start % self.window  # the ring slots of the chunk: contiguous, or two runs when it wraps
-            head = min(n, self.window - first)
-            self.ring[:, :, first : first + head] = kv[:, :, :head]
-            if head < n:
-                self.ring[:, :, : n - head] = kv[:, :, head:]
-            self.host[:, :, start : start + n].copy_(kv, non_blocking=self.pinned)
+        else:  # ring slot p % window and host slot p, in one launch on CUDA (no staging, no wait)
+            append_positions(kv, self.ring, self.host, start)
         self.tokens += n
 
 
