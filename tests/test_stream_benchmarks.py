@@ -61,3 +61,28 @@ def test_stream_ops_counts_more_operations_for_resv_than_for_full_fetch(tmp_path
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__]))
+
+
+def test_resv_sensitivity_reads_one_knob_at_a_time_with_wilson_intervals(tmp_path):
+    bench = _load("resv_sensitivity")
+    assert bench.wilson(0, 9)[1] == pytest.approx(1.96 ** 2 / (9 + 1.96 ** 2))  # hand: 0 successes
+    lo, hi = bench.wilson(9, 9)
+    assert hi == 1.0 and lo == pytest.approx(9 / (9 + 1.96 ** 2))
+
+    def run(options, successes, retriever="resv"):
+        trials = [{"success": i < successes} for i in range(4)]
+        return {"task": "needle", "retriever": retriever, "options": options, "quality": {"trials": trials},
+                "frame_fetched": 0.1, "text_fetched": 0.01, "frame_ratio": 0.2, "text_ratio": 0.02}
+
+    runs = {"a": run({"ratio": 0.3}, 0), "b": run({"ratio": 0.3, "hash_bits": 64}, 2),
+            "c": run({"ratio": 0.3, "hash_bits": 64, "keep_recent": 8}, 4),  # two knobs: on no axis
+            "d": run({"ratio": 0.1, "score_mode": "shifted"}, 3), "e": run({}, 4, "full")}
+    series = bench.series(runs, "needle", "hash_bits")
+    assert [(r["value"], r["accuracy"]) for r in series] == [(32, 0.0), (64, 0.5)]
+    assert [(r["value"], r["accuracy"]) for r in bench.series(runs, "needle", "ratio:shifted")] == [(0.1, 0.75)]
+    assert bench.series(runs, "needle", "hamming_threshold")[0]["value"] == 7  # only the paper's rule
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps({"runs": runs, "commands": ["x"]}))
+    out = tmp_path / "sens.json"
+    assert bench.main(["--ablation", str(path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["full_accuracy"] == 1.0
