@@ -553,3 +553,37 @@ def test_device_cache_with_both_kernels_selects_the_reference_tokens(monkeypatch
     monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
     test_device_cache_selects_the_reference_tokens_and_gives_its_outputs(_assign_kernel_device(), "llama", "resv",
                                                                           options)
+
+
+def test_the_gathered_attention_keeps_off_cudnn_unless_told(monkeypatch):
+    """The SDPA kernels the device path allows: memory-efficient then math by default, any list by name,
+    PyTorch's own choice with ``any``, a clear error for an unknown name (before any attention runs)."""
+    from torch.nn.attention import SDPBackend
+
+    from lfmsift.kv.attention import attend_gathered, attend_reference, sdpa_backends
+
+    monkeypatch.delenv("LFMSIFT_SDPA_BACKENDS", raising=False)
+    assert sdpa_backends() == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    monkeypatch.setenv("LFMSIFT_SDPA_BACKENDS", "any")
+    assert sdpa_backends() is None
+    monkeypatch.setenv("LFMSIFT_SDPA_BACKENDS", "cudnn_attention, flash_attention")
+    assert sdpa_backends() == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    monkeypatch.setenv("LFMSIFT_SDPA_BACKENDS", "cudnn")
+    with pytest.raises(ValueError, match="LFMSIFT_SDPA_BACKENDS='cudnn'"):
+        sdpa_backends()
+    monkeypatch.delenv("LFMSIFT_SDPA_BACKENDS")
+    if not torch.cuda.is_available():
+        return
+    # On the GPU, the restricted call still equals the float64 oracle.
+    gen = torch.Generator().manual_seed(3)
+    kv, group, tokens, dim, past = 2, 4, 11, 128, 40
+    counts = torch.tensor([17, 40])
+    query = torch.randn(kv * group, tokens, dim, generator=gen)
+    buffer = torch.zeros(2, kv, 64, dim)
+    buffer[:, :, :past] = torch.randn(2, kv, past, dim, generator=gen)
+    own = torch.randn(2, kv, tokens, dim, generator=gen)
+    buffer[:, :, past : past + tokens] = own
+    out = attend_gathered(query.cuda().bfloat16(), buffer.cuda().bfloat16(), counts.cuda(), past, dim ** -0.5)
+    want = attend_reference(query, [buffer[0, h, : counts[h]] for h in range(kv)],
+                            [buffer[1, h, : counts[h]] for h in range(kv)], own[0], own[1], dim ** -0.5)
+    assert torch.allclose(out.double().cpu(), want, atol=3e-2)

@@ -126,9 +126,9 @@ def test_a_ring_store_chunk_step_never_waits_for_the_gpu():
     from lfmsift.kernels.kv_gather import gather_positions
 
     store = RingLayerStore(4, 64, torch.bfloat16, "cuda", window=32, host_tokens=None)
-    store.reserve(200)
     for start in range(0, 200, 11):
         n = min(11, 200 - start)
+        store.reserve(n)  # as the cache does, once per chunk before the forward pass
         store.append(torch.randn(4, n, 64, device="cuda", dtype=torch.bfloat16),
                      torch.randn(4, n, 64, device="cuda", dtype=torch.bfloat16),
                      torch.zeros(n, dtype=torch.int64, device="cuda"))

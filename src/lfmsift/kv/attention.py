@@ -6,12 +6,24 @@ tokens at ``[0, counts[h])`` (each head its own selection), then unused slots, a
 SDPA call attends every head with K/V read once per KV head; the mask (selected past, causal chunk) is
 built on the device from ``counts``, so the call needs nothing from the host. ``attend_reference`` is the
 same attention head by head on the selected tokens alone (the oracle).
+
+On CUDA the call is restricted to PyTorch's memory-efficient kernel (the math kernel as fallback), which
+takes the boolean mask as it is: left to choose, PyTorch picks cuDNN's attention for a masked call on
+Hopper, and cuDNN builds an execution plan for each new key length (the gathered length changes with every
+chunk), costing the host milliseconds per layer, and its workspace set-up was seen to hold the host until
+the GPU caught up (``benchmarks/stream_gpu.py --profile``; docs/results.md). ``LFMSIFT_SDPA_BACKENDS``
+overrides the list (comma-separated ``torch.nn.attention.SDPBackend`` names, or ``any`` for PyTorch's own
+choice), for measuring the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lfmsift.kernels.compiled import fused
 
@@ -34,6 +46,25 @@ def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, gr
     return (j < counts[:, None, None]) | chunk[None]
 
 
+def sdpa_backends() -> list[SDPBackend] | None:
+    """The SDPA kernels the gathered attention may use on CUDA (``None``: PyTorch's choice)."""
+    names = os.environ.get("LFMSIFT_SDPA_BACKENDS", "efficient_attention,math").strip().lower()
+    if names == "any":
+        return None
+    known = {name.lower(): b for name, b in SDPBackend.__members__.items() if name != "ERROR"}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"LFMSIFT_SDPA_BACKENDS={names!r}: use comma-separated names of {', '.join(known)}, "
+                         "or 'any'")
+    return [known[n] for n in wanted]
+
+
+def _backend_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    backends = sdpa_backends() if device.type == "cuda" else None
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
+
+
 @fused
 def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
                     scaling: float, chunk: torch.Tensor | None = None, slots: torch.Tensor | None = None
@@ -46,8 +77,9 @@ def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Ten
     group = heads // kv_heads
     q = query.reshape(kv_heads, 1, group * tokens, dim)
     mask = gathered_mask(counts, start, length, tokens, group, chunk, slots)[:, None]
-    out = F.scaled_dot_product_attention(q, buffer[0, :, None].to(q.dtype), buffer[1, :, None].to(q.dtype),
-                                         attn_mask=mask, scale=scaling)
+    with _backend_scope(query.device):
+        out = F.scaled_dot_product_attention(q, buffer[0, :, None].to(q.dtype), buffer[1, :, None].to(q.dtype),
+                                             attn_mask=mask, scale=scaling)
     return out.reshape(heads, tokens, dim).transpose(0, 1)
 
 
