@@ -179,3 +179,17 @@ def test_stream_fidelity_of_full_is_exact_on_real_frames(smollm2, data_dir):
     assert lossy["kl"] > 1e-4 and lossy["stats"]["frame_stage"]["retrieval_ratio"] < 0.5
     with pytest.raises(ValueError, match="questions"):
         stream_fidelity(vlm, processor, get_retriever("full"), images, questions[:1], ref)
+
+
+def test_paired_ppl_ratio_by_hand():
+    def run(ppl):
+        return {"quality": {"ppl": sum(ppl) / len(ppl), "per_probe_ppl": ppl}}
+
+    out = kv_eval.paired_ppl_ratio(run([2.0, 8.0]), run([1.0, 2.0]))  # log ratios ln 2, ln 4
+    assert out["probes"] == 2
+    assert out["ratio"] == pytest.approx(2 ** 1.5)
+    half = 12.706 / 2  # t(0.975, 1) * sd / sqrt(2), in units of ln 2: sd = ln 2 / sqrt(2)
+    assert out["interval"][0] == pytest.approx(2 ** (1.5 - half))
+    assert out["interval"][1] == pytest.approx(2 ** (1.5 + half))
+    with pytest.raises(ValueError, match="per-probe"):
+        kv_eval.paired_ppl_ratio(run([2.0]), run([1.0]))

@@ -261,6 +261,25 @@ def paired_comparison(run_a: dict, run_b: dict) -> dict:
             "interval": (max(-1.0, diff - half), min(1.0, diff + half)), "mcnemar_p": min(1.0, 2 * tail)}
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-30); beyond, the normal's 1.96.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_ppl_ratio(run_a: dict, run_b: dict) -> dict:
+    """Two recall runs on the same probes: the geometric mean over probes of ppl_a / ppl_b with a 95% interval
+    (Student's t on the paired differences of log perplexity)."""
+    a, b = run_a["quality"].get("per_probe_ppl"), run_b["quality"].get("per_probe_ppl")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        raise ValueError("the runs must have per-probe perplexities on the same (two or more) probes")
+    diffs = [math.log(x) - math.log(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+    return {"probes": n, "ratio": math.exp(mean), "interval": (math.exp(mean - half), math.exp(mean + half))}
+
+
 # -- reports ----------------------------------------------------------------------------------------------
 QUALITY = {"recall": ("ppl", "recall ppl", False), "needle": ("accuracy", "needle acc.", True),
            "multikey": ("accuracy", "multi-key acc.", True),
