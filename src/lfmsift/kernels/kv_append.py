@@ -40,41 +40,42 @@ def available(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor) -> bool:
     return kv.is_cuda and ring.is_cuda and (host.is_cuda or host.is_pinned())
 
 
-def _check(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor | None, start: int) -> None:
+def _check(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int) -> None:
     if kv.ndim != 4 or kv.shape[0] != 2 or ring.ndim != 4 or ring.shape[:2] != kv.shape[:2] \
             or ring.shape[3] != kv.shape[3]:
         raise ValueError(f"kv (2, kv_heads, tokens, head_dim) and ring (2, kv_heads, slots, head_dim) must agree, "
                          f"got {tuple(kv.shape)} and {tuple(ring.shape)}")
     n = kv.shape[2]
-    if host is not None and (host.shape[:2] != kv.shape[:2] or host.shape[3] != kv.shape[3]
-                             or host.shape[2] < start + n):
+    if host.shape[:2] != kv.shape[:2] or host.shape[3] != kv.shape[3] or host.shape[2] < start + n:
         raise ValueError(f"host must be (2, {kv.shape[1]}, >= {start + n}, {kv.shape[3]}), got {tuple(host.shape)}")
     if n > ring.shape[2]:
         raise ValueError(f"a chunk of {n} tokens does not fit a ring of {ring.shape[2]} slots")
-    if kv.dtype != ring.dtype or (host is not None and host.dtype != ring.dtype):
+    if kv.dtype != ring.dtype or host.dtype != ring.dtype:
         raise ValueError("kv, ring and host must have one dtype")
 
 
-def append_positions_reference(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor | None,
-                               start: int) -> None:
+def append_positions_reference(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int) -> None:
     """Positions ``start .. start + n`` of ``kv`` (2, kv_heads, n, head_dim) into ``ring`` at slots
-    p % ring_slots (one or two runs) and, unless ``host`` is None, into ``host`` at slots p."""
+    p % ring_slots (one or two runs) and into ``host`` at slots p."""
     _check(kv, ring, host, start)
+    _append_by_slicing(kv, ring, host, start)
+
+
+def _append_by_slicing(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int) -> None:
     n, window = kv.shape[2], ring.shape[2]
     first = start % window
     head = min(n, window - first)
     ring[:, :, first : first + head] = kv[:, :, :head]
     if head < n:
         ring[:, :, : n - head] = kv[:, :, head:]
-    if host is not None:
-        host[:, :, start : start + n].copy_(kv, non_blocking=host.is_pinned())
+    host[:, :, start : start + n].copy_(kv, non_blocking=host.is_pinned())
 
 
 if triton is not None:
 
     @triton.jit
     def _append_kernel(kv, ring, host, start, tokens, ring_slots, host_slots, HEADS: tl.constexpr,
-                       DIM: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_HOST: tl.constexpr):
+                       DIM: tl.constexpr, BLOCK_T: tl.constexpr):
         block = tl.program_id(0)
         head = tl.program_id(1)
         plane = tl.program_id(2)  # 0: K, 1: V
@@ -86,20 +87,18 @@ if triton is not None:
         pos = start + rows.to(tl.int64)
         tl.store(ring + (base * ring_slots + pos % ring_slots)[:, None] * DIM + cols[None, :], values,
                  mask=valid[:, None])
-        if WRITE_HOST:
-            tl.store(host + (base * host_slots + pos)[:, None] * DIM + cols[None, :], values, mask=valid[:, None])
+        tl.store(host + (base * host_slots + pos)[:, None] * DIM + cols[None, :], values, mask=valid[:, None])
 
 
-def append_positions(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor | None, start: int,
+def append_positions(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int,
                      block_tokens: int = BLOCK_TOKENS) -> None:
     """As ``append_positions_reference``, in one launch over (n / block_tokens, kv_heads, K/V) where Triton
-    can run (see ``available``); else by slicing."""
+    can run (see ``available``; head_dim a power of two); else by slicing."""
     _check(kv, ring, host, start)
-    target = ring if host is None else host
-    if not available(kv, ring, target) or kv.shape[3] & (kv.shape[3] - 1):
-        return append_positions_reference(kv, ring, host, start)
+    if not available(kv, ring, host) or kv.shape[3] & (kv.shape[3] - 1):
+        return _append_by_slicing(kv, ring, host, start)
     kv = kv.contiguous()
     heads, n, dim = kv.shape[1], kv.shape[2], kv.shape[3]
     grid = (triton.cdiv(max(n, 1), block_tokens), heads, 2)
-    _append_kernel[grid](kv, ring, target, start, n, ring.shape[2], target.shape[2], HEADS=heads, DIM=dim,
-                         BLOCK_T=block_tokens, WRITE_HOST=host is not None)
+    _append_kernel[grid](kv, ring, host, start, n, ring.shape[2], host.shape[2], HEADS=heads, DIM=dim,
+                         BLOCK_T=block_tokens)

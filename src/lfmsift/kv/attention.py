@@ -9,9 +9,8 @@ same attention head by head on the selected tokens alone (the oracle).
 
 On CUDA the call is restricted to PyTorch's memory-efficient kernel (the math kernel as fallback), which
 takes the boolean mask as it is: left to choose, PyTorch picks cuDNN's attention for a masked call on
-Hopper, and cuDNN builds an execution plan for each new key length (the gathered length changes with every
-chunk), costing the host milliseconds per layer, and its workspace set-up was seen to hold the host until
-the GPU caught up (``benchmarks/stream_gpu.py --profile``; docs/results.md). ``LFMSIFT_SDPA_BACKENDS``
+Hopper, and a profile of a frame issued behind a GPU sleep found cuDNN's forward holding the host until the
+GPU caught up (a memset inside it; docs/results.md, "Waits the debug mode does not see"). ``LFMSIFT_SDPA_BACKENDS``
 overrides the list (comma-separated ``torch.nn.attention.SDPBackend`` names, or ``any`` for PyTorch's own
 choice), for measuring the difference.
 """
@@ -19,6 +18,7 @@ choice), for measuring the difference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -48,7 +48,13 @@ def gathered_mask(counts: torch.Tensor, start: int, length: int, tokens: int, gr
 
 def sdpa_backends() -> list[SDPBackend] | None:
     """The SDPA kernels the gathered attention may use on CUDA (``None``: PyTorch's choice)."""
-    names = os.environ.get("LFMSIFT_SDPA_BACKENDS", "efficient_attention,math").strip().lower()
+    return _parse_backends(os.environ.get("LFMSIFT_SDPA_BACKENDS", "efficient_attention,math"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_backends(setting: str) -> list[SDPBackend] | None:
+    """``LFMSIFT_SDPA_BACKENDS`` parsed once per value (the attention runs in every layer)."""
+    names = setting.strip().lower()
     if names == "any":
         return None
     known = {name.lower(): b for name, b in SDPBackend.__members__.items() if name != "ERROR"}
