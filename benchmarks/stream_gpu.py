@@ -381,20 +381,27 @@ def sync_check(model, keys, values, embeds, args) -> dict:
             chunk = embeds[:1, n + args.frame_tokens : n + 2 * args.frame_tokens]
             torch.cuda.synchronize()
             torch.cuda._sleep(2_000_000_000)
-            t = time.perf_counter()
-            cache.begin(FRAME, chunk.shape[1])
-            model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
-            cache.end(chunk.shape[1])
-            issued = (time.perf_counter() - t) * 1e3
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:  # names the operator that waits, if any
+                t = time.perf_counter()
+                cache.begin(FRAME, chunk.shape[1])
+                model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+                cache.end(chunk.shape[1])
+                issued = (time.perf_counter() - t) * 1e3
+            slowest = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+            slowest = [{"op": e.key, "self_host_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in slowest]
             torch.cuda.synchronize()
             t = time.perf_counter()
             torch.cuda._sleep(2_000_000_000)
             torch.cuda.synchronize()
             sleep_ms = (time.perf_counter() - t) * 1e3
             out[selection] = {"host_syncs_in_frame_step": len(syncs), "messages": sorted(set(syncs))[:10],
-                              "host_ms_issuing_a_frame_behind_a_gpu_sleep": issued, "gpu_sleep_ms": sleep_ms}
+                              "host_ms_issuing_a_frame_behind_a_gpu_sleep": issued, "gpu_sleep_ms": sleep_ms,
+                              "slowest_host_ops_behind_the_sleep": slowest}
             print(f"sync check {selection}: {len(syncs)} host synchronisations in one frame step; behind a "
-                  f"{sleep_ms:.0f} ms GPU sleep the host issued a frame in {issued:.1f} ms", flush=True)
+                  f"{sleep_ms:.0f} ms GPU sleep the host issued a frame in {issued:.1f} ms; slowest host ops: "
+                  + ", ".join(f"{e['op']} {e['self_host_ms']:.1f} ms" for e in slowest[:3]), flush=True)
         finally:
             uninstall(cache)
             cache.close()
