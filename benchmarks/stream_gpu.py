@@ -44,6 +44,7 @@ import torch
 from lfmsift.kv import TierBudget, get_retriever
 from lfmsift.kv.cache import FRAME, TEXT, install, uninstall
 from lfmsift.kv.device_cache import DeviceStreamingCache
+from lfmsift.kv.graphed import GraphedStream
 from lfmsift.kv.resv import DeviceReSVIndex, ReSV
 from lfmsift.models.adapters import cache_argument, describe
 
@@ -59,7 +60,7 @@ class PinnedRatioIndex(DeviceReSVIndex):
         table = self.table
         heads, rows, dim = queries.shape
         kv = table.num_kv_heads
-        if table.bound == 0:
+        if table.slots == 0:
             return torch.zeros(kv, 0, dtype=torch.bool, device=queries.device)
         grouped = queries.reshape(kv, heads // kv * rows, dim).float()
         scores = (grouped @ table.representatives.transpose(1, 2)).amax(1)  # (kv, bound)
@@ -248,13 +249,15 @@ def profile_step(step, path: Path) -> None:
 
 @torch.no_grad()
 def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, method, selection, ratio_mode,
-            batch: int = 1, kernels: str = "default"):
+            batch: int = 1, kernels: str = "default", graphs: bool = False):
     cfg = model.config
     dim = cfg.hidden_size // cfg.num_attention_heads
     token_bytes = 2 * cfg.num_key_value_heads * dim * torch.empty((), dtype=DTYPE).element_size()
     budget = TierBudget(device_bytes=args.window * token_bytes * cfg.num_hidden_layers * batch)
     cache = DeviceStreamingCache(describe(model), retriever, budget, streams=batch)
     install(cache)
+    runner = GraphedStream(model, cache, bucket=args.bucket, graphs=DEVICE == "cuda") if graphs else None
+    warm = 2 if graphs else 1  # a new step shape runs eagerly, the next one is captured: neither is timed
     rows = []
     gen = torch.Generator().manual_seed(0)
     per_head = dim * 2 * torch.empty((), dtype=DTYPE).element_size()  # K and V of one token and KV head
@@ -270,21 +273,23 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 if hasattr(index, "table"):
                     index.table.sync_bound()
             frame_ms, frame_bytes, frame_host_ms = [], [], []
-            for f in range(args.frames + 1):  # the first frame warms up
+            for f in range(args.frames + warm):  # the first frames warm up
                 chunk = embeds[:batch, next_embed : next_embed + args.frame_tokens]
                 next_embed += args.frame_tokens
                 before = cache.fetched_host_tokens()
 
                 def step(chunk=chunk):
+                    if runner is not None:
+                        return runner(FRAME, inputs_embeds=chunk)
                     cache.begin(FRAME, chunk.shape[1])
                     model(inputs_embeds=chunk, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
                     cache.end(chunk.shape[1])
 
-                if f == 1:
+                if f == warm:
                     first_past = cache.seen  # what the timed frames attend to, the extra tokens of earlier lengths included
                 host = []
                 ms = timed(step, host)
-                if f:
+                if f >= warm:
                     frame_ms.append(ms)
                     frame_host_ms.append(host[0])
                     frame_bytes.append((cache.fetched_host_tokens() - before) * per_head)
@@ -292,25 +297,33 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 chunk = embeds[:batch, next_embed : next_embed + args.frame_tokens]
                 next_embed += args.frame_tokens
                 profile_step(lambda chunk=chunk: step(chunk), args.profile /
-                             f"{method}_{selection}_{ratio_mode}_b{batch}_kernels-{kernels}.txt")
+                             f"{method}_{selection}_{ratio_mode}_b{batch}_kernels-{kernels}"
+                             f"{'_graphs' if graphs else ''}.txt")
             question = torch.randint(0, cfg.vocab_size, (batch, args.question), generator=gen).to(DEVICE)
-            cache.begin(TEXT, question.shape[1])
-            logits = model(input_ids=question, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits
-            cache.end(question.shape[1])
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            if runner is not None:
+                last = runner(TEXT, input_ids=question)
+            else:
+                cache.begin(TEXT, question.shape[1])
+                last = model(input_ids=question, **cache_argument(model, cache), use_cache=True,
+                             logits_to_keep=1).logits[:, -1]
+                cache.end(question.shape[1])
+            token = last.argmax(-1, keepdim=True)
             tpot, token_bytes_moved = [], []
-            for s in range(args.decode + 1):
+            for s in range(args.decode + warm):
                 before = cache.fetched_host_tokens()
                 out = {}
 
                 def decode(token=token, out=out):
+                    if runner is not None:
+                        out["logits"] = runner(TEXT, input_ids=token)
+                        return
                     cache.begin(TEXT, 1)
-                    out["logits"] = model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits
+                    out["logits"] = model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits[:, -1]
                     cache.end(1)
 
                 ms = timed(decode)
-                token = out["logits"][:, -1].argmax(-1, keepdim=True)
-                if s:
+                token = out["logits"].argmax(-1, keepdim=True)
+                if s >= warm:
                     tpot.append(ms)
                     token_bytes_moved.append((cache.fetched_host_tokens() - before) * per_head)
             stats = cache.stats()
@@ -322,7 +335,8 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
             t_limit = t_bytes / (pinned * 1e9) * 1e3 + dense_ms["weights"]
             row = {
                 "method": method, "selection": selection, "ratio_mode": ratio_mode, "cache_tokens": target,
-                "batch": batch, "kernels": kernels, "layers": cfg.num_hidden_layers, "window_tokens": args.window,
+                "batch": batch, "kernels": kernels, "graphs": graphs, "layers": cfg.num_hidden_layers,
+                "window_tokens": args.window, "graph_steps": dict(runner.counts) if runner is not None else None,
                 "past_tokens_first_frame": first_past,
                 "frame_ms": f_ms, "fps": 1e3 / f_ms, "fps_all_streams": batch * 1e3 / f_ms, "tpot_ms": t_ms, "frame_host_ms": statistics.median(frame_host_ms),
                 "fetched_bytes_per_frame": f_bytes, "fetched_bytes_per_token": t_bytes,
@@ -333,7 +347,7 @@ def measure(model, retriever, keys, values, embeds, args, dense_ms, pinned, meth
                 "host_reads_in_layers": stats["host_reads_in_layers"],
             }
             rows.append(row)
-            print(f"{method:13s} {selection:14s} {ratio_mode:8s} b{batch} k-{kernels:7s} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
+            print(f"{method:13s} {selection:14s} {ratio_mode:8s} b{batch} k-{kernels:7s} g-{'on ' if graphs else 'off'} {target:6d}  frame {f_ms:8.2f} ms ({1e3 / f_ms:6.1f} FPS)"
                   f"  tpot {t_ms:7.2f} ms  fetched {f_bytes / 1e6:8.1f} MB/frame  {row['h2d_gbps']:5.1f} GB/s"
                   f"  limit {limit:7.2f} ms ({row['of_limit']:.0%})  host {row['frame_host_ms']:.1f} ms", flush=True)
     finally:
@@ -405,7 +419,37 @@ def sync_check(model, keys, values, embeds, args) -> dict:
         finally:
             uninstall(cache)
             cache.close()
+        out[f"{selection}_graphs"] = graph_sleep_check(model, keys, values, embeds, args, selection, budget)
     return out
+
+
+def graph_sleep_check(model, keys, values, embeds, args, selection: str, budget: TierBudget) -> dict:
+    """A frame replayed from its CUDA graph, issued behind a second-long GPU sleep: the host milliseconds
+    it took (a replay queues the whole frame at once, so it returns at once unless something waits)."""
+    cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
+    install(cache)
+    try:
+        n = min(args.caches)
+        for start in range(0, n, args.frame_tokens):
+            m = min(args.frame_tokens, n - start)
+            cache.add_chunk(prefix(keys, 1, start, start + m), prefix(values, 1, start, start + m))
+        runner = GraphedStream(model, cache, bucket=args.bucket)
+        at = n
+        for _ in range(3):  # eager, captured, replayed
+            runner(FRAME, inputs_embeds=embeds[:1, at : at + args.frame_tokens])
+            at += args.frame_tokens
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
+        t = time.perf_counter()
+        runner(FRAME, inputs_embeds=embeds[:1, at : at + args.frame_tokens])
+        issued = (time.perf_counter() - t) * 1e3
+        torch.cuda.synchronize()
+        print(f"sync check {selection} with graphs: behind a GPU sleep the host issued a replayed frame in "
+              f"{issued:.1f} ms ({runner.counts})", flush=True)
+        return {"host_ms_issuing_a_replayed_frame_behind_a_gpu_sleep": issued, "graph_steps": dict(runner.counts)}
+    finally:
+        uninstall(cache)
+        cache.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the device path's fused Triton kernels per row: off, append (the one-launch store "
                              "append only), on (clustering and WiCSum too) or default (the environment's), "
                              "e.g. off,append,on side by side")
+    parser.add_argument("--graphs", default="off",
+                        help="per row: off (every kernel issued by the host) or on (each chunk replayed from a CUDA "
+                             "graph of its prepared step, lfmsift.kv.graphed; one stream), e.g. off,on side by side")
+    parser.add_argument("--bucket", type=int, default=2048,
+                        help="with --graphs on: the past is padded to a multiple of this many positions")
     parser.add_argument("--profile", type=Path,
                         help="a folder: per method and kernel setting, the host time per operator of one frame "
                              "step at the longest cache (torch.profiler), as a text table")
@@ -474,9 +523,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             for batch in batches:
                 for kernels in args.kernels.split(","):
-                    with kernel_setting(kernels):
-                        rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds, args,
-                                        dense_ms, pinned, method, selection, mode, batch, kernels)
+                    for graphs in args.graphs.split(","):
+                        if graphs not in ("off", "on"):
+                            raise ValueError(f"--graphs takes off and on, got {graphs!r}")
+                        if graphs == "on" and (batch > 1 or kernels == "on"):
+                            print(f"skipped: graphs with batch {batch}, kernels {kernels} (graphs run one stream "
+                                  "with the PyTorch assignment)", flush=True)
+                            continue
+                        with kernel_setting(kernels):
+                            rows += measure(model, retriever_for(method, selection, mode), keys, values, embeds,
+                                            args, dense_ms, pinned, method, selection, mode, batch, kernels,
+                                            graphs == "on")
             if args.json:  # after every method, so that a run cut short keeps what it measured
                 write(args.json, rows, argv, pinned, launch, dense_ms, syncs)
     return 0
@@ -484,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(path: Path, rows: list[dict], argv, pinned: float, launch: float, dense_ms: dict, syncs: dict) -> None:
     """The JSON record, with each row's speedups against full fetch at the same cache length."""
-    full = {(r["cache_tokens"], r["batch"], r["kernels"]): r for r in rows if r["method"] == "full"}
+    full = {(r["cache_tokens"], r["batch"], r["kernels"], r["graphs"]): r for r in rows if r["method"] == "full"}
     for r in rows:
-        base = full.get((r["cache_tokens"], r["batch"], r["kernels"]))
+        base = full.get((r["cache_tokens"], r["batch"], r["kernels"], r["graphs"]))
         if base:
             r["frame_speedup_vs_full"] = base["frame_ms"] / r["frame_ms"]
             r["tpot_speedup_vs_full"] = base["tpot_ms"] / r["tpot_ms"]

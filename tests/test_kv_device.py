@@ -193,9 +193,11 @@ def test_device_index_steps_never_read_the_device_back():
 # -- the device store, gather and attention ------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from_the_ring(device):
+@pytest.mark.parametrize("split_on_device", [False, True], ids=["host-split", "device-split"])
+def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from_the_ring(device, split_on_device):
     """Oracle: element by element, the definition (host slot p below the split, ring slot p % W above).
-    On CUDA the host tier is pinned and read in place, and the position rows are a slice of a wider table."""
+    On CUDA the host tier is pinned and read in place, and the position rows are a slice of a wider table.
+    The split may be a device scalar (steps captured in CUDA graphs)."""
     from lfmsift.kernels.kv_gather import gather_positions
 
     gen = torch.Generator().manual_seed(0)
@@ -212,10 +214,12 @@ def test_gather_positions_reads_old_positions_from_the_host_and_recent_ones_from
         wide = torch.zeros(heads, 57, dtype=torch.int64, device=device)
         wide[:, :40] = positions.to(device)
         got = torch.full_like(out, 9.0, device=device)
-        gather_positions(host.pin_memory(), ring.to(device), split, wide[:, :40], counts.to(device), got, out_offset=5)
+        at = torch.tensor([split], device=device) if split_on_device else split
+        gather_positions(host.pin_memory(), ring.to(device), at, wide[:, :40], counts.to(device), got, out_offset=5)
         out = got.cpu()
     else:
-        gather_positions(host, ring, split, positions, counts, out, out_offset=5)
+        at = torch.tensor([split]) if split_on_device else split
+        gather_positions(host, ring, at, positions, counts, out, out_offset=5)
     for h in range(heads):
         for i in range(int(counts[h])):
             p = int(positions[h, i])

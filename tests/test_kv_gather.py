@@ -79,8 +79,10 @@ def _append_case_device() -> str | None:
 
 @pytest.mark.parametrize("start, tokens, window", [(0, 11, 64), (60, 11, 64), (5, 64, 64), (1000, 37, 40)])
 @pytest.mark.parametrize("kernel", [False, True])
-def test_append_writes_each_position_to_its_ring_and_host_slot(start, tokens, window, kernel):
-    """Position p lands at ring slot p % window and host slot p; nothing else changes (hand oracle)."""
+@pytest.mark.parametrize("start_on_device", [False, True], ids=["host-start", "device-start"])
+def test_append_writes_each_position_to_its_ring_and_host_slot(start, tokens, window, kernel, start_on_device):
+    """Position p lands at ring slot p % window and host slot p; nothing else changes (hand oracle). The
+    start may be a device scalar (steps captured in CUDA graphs)."""
     from lfmsift.kernels.kv_append import append_positions, append_positions_reference
 
     device = _append_case_device() if kernel else "cpu"
@@ -99,7 +101,8 @@ def test_append_writes_each_position_to_its_ring_and_host_slot(start, tokens, wi
         kv_d, ring_d, host_d = kv.cuda(), ring.cuda(), host.pin_memory()
     else:
         kv_d, ring_d, host_d = kv, ring, host
-    (append_positions if kernel else append_positions_reference)(kv_d, ring_d, host_d, start)
+    at = torch.tensor([start], device=kv_d.device) if start_on_device else start
+    (append_positions if kernel else append_positions_reference)(kv_d, ring_d, host_d, at)
     if device == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(ring_d.cpu(), want_ring)

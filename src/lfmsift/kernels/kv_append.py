@@ -10,7 +10,9 @@ space) and into the ring from one program per (block of rows, head, K/V): nothin
 waits; it can be captured in a CUDA graph.
 
 ``append_positions(kv, ring, host, start)``; ``append_positions_reference`` is the same by slicing (the
-oracle in the tests, and the path on CPU).
+oracle in the tests, and the path on CPU). ``start`` may be a one-element int64 device tensor (the path
+whose steps are captured in CUDA graphs keeps its positions on the device): the kernel then reads it, and
+the PyTorch path writes by ``index_copy_`` at the positions it implies.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def available(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor) -> bool:
     return kv.is_cuda and ring.is_cuda and (host.is_cuda or host.is_pinned())
 
 
-def _check(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int) -> None:
+def _check(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int | torch.Tensor) -> None:
+    if torch.is_tensor(start):
+        if start.numel() != 1 or start.dtype != torch.int64 or start.device != kv.device:
+            raise ValueError(f"a device start must be one int64 on {kv.device}, got {start.dtype} {tuple(start.shape)} "
+                             f"on {start.device}")
+        start = 0  # its value is on the device: the host checks only what the shapes tell
     if kv.ndim != 4 or kv.shape[0] != 2 or ring.ndim != 4 or ring.shape[:2] != kv.shape[:2] \
             or ring.shape[3] != kv.shape[3]:
         raise ValueError(f"kv (2, kv_heads, tokens, head_dim) and ring (2, kv_heads, slots, head_dim) must agree, "
@@ -61,8 +68,16 @@ def append_positions_reference(kv: torch.Tensor, ring: torch.Tensor, host: torch
     _append_by_slicing(kv, ring, host, start)
 
 
-def _append_by_slicing(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int) -> None:
+def _append_by_slicing(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int | torch.Tensor) -> None:
     n, window = kv.shape[2], ring.shape[2]
+    if torch.is_tensor(start):  # positions on the device: written where they point, nothing read back
+        if host.device != kv.device:
+            raise ValueError("a device start needs the Triton write for a host tier on another device")
+        positions = start.reshape(1) + torch.arange(n, device=kv.device)
+        ring.index_copy_(2, positions % window, kv)
+        if host.data_ptr() != ring.data_ptr():
+            host.index_copy_(2, positions, kv)
+        return
     first = start % window
     head = min(n, window - first)
     ring[:, :, first : first + head] = kv[:, :, :head]
@@ -75,7 +90,9 @@ if triton is not None:
 
     @triton.jit
     def _append_kernel(kv, ring, host, start, tokens, ring_slots, host_slots, HEADS: tl.constexpr,
-                       DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                       DIM: tl.constexpr, BLOCK_T: tl.constexpr, START_ON_DEVICE: tl.constexpr):
+        if START_ON_DEVICE:
+            start = tl.load(start)
         block = tl.program_id(0)
         head = tl.program_id(1)
         plane = tl.program_id(2)  # 0: K, 1: V
@@ -90,7 +107,7 @@ if triton is not None:
         tl.store(host + (base * host_slots + pos)[:, None] * DIM + cols[None, :], values, mask=valid[:, None])
 
 
-def append_positions(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int,
+def append_positions(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, start: int | torch.Tensor,
                      block_tokens: int = BLOCK_TOKENS) -> None:
     """As ``append_positions_reference``, in one launch over (n / block_tokens, kv_heads, K/V) where Triton
     can run (see ``available``; head_dim a power of two); else by slicing."""
@@ -101,4 +118,4 @@ def append_positions(kv: torch.Tensor, ring: torch.Tensor, host: torch.Tensor, s
     heads, n, dim = kv.shape[1], kv.shape[2], kv.shape[3]
     grid = (triton.cdiv(max(n, 1), block_tokens), heads, 2)
     _append_kernel[grid](kv, ring, host, start, n, ring.shape[2], host.shape[2], HEADS=heads, DIM=dim,
-                         BLOCK_T=block_tokens)
+                         BLOCK_T=block_tokens, START_ON_DEVICE=torch.is_tensor(start))

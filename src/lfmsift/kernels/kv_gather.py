@@ -87,10 +87,13 @@ def _check_two_tier(host: torch.Tensor, ring: torch.Tensor, positions: torch.Ten
         raise ValueError("host, ring and out must be contiguous")
 
 
-def gather_positions_reference(host: torch.Tensor, ring: torch.Tensor, split: int, positions: torch.Tensor,
-                               counts: torch.Tensor, out: torch.Tensor, out_offset: int = 0) -> torch.Tensor:
-    """``gather_positions`` by ``index_select``, head by head (reads ``counts``: the oracle and the CPU path)."""
+def gather_positions_reference(host: torch.Tensor, ring: torch.Tensor, split: int | torch.Tensor,
+                               positions: torch.Tensor, counts: torch.Tensor, out: torch.Tensor,
+                               out_offset: int = 0) -> torch.Tensor:
+    """``gather_positions`` by ``index_select``, head by head (reads ``counts`` and a device ``split``: the
+    oracle and the CPU path)."""
     _check_two_tier(host, ring, positions, counts, out, out_offset)
+    split = int(split)
     for h, n in enumerate(counts.tolist()):
         p = positions[h, :n].cpu()
         old = p < split
@@ -108,7 +111,9 @@ if triton is not None:
     @triton.jit
     def _gather_two_tier_kernel(host, ring, positions, counts, out, split, host_slots, ring_slots, row_stride,
                                 out_slots, out_offset, HEADS: tl.constexpr, DIM: tl.constexpr,
-                                BLOCK_T: tl.constexpr):
+                                BLOCK_T: tl.constexpr, SPLIT_ON_DEVICE: tl.constexpr):
+        if SPLIT_ON_DEVICE:
+            split = tl.load(split)
         block = tl.program_id(0)
         head = tl.program_id(1)
         plane = tl.program_id(2)  # 0: K, 1: V
@@ -131,7 +136,7 @@ if triton is not None:
             tl.store(out + dst, values, mask=valid[:, None])
 
 
-def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positions: torch.Tensor,
+def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int | torch.Tensor, positions: torch.Tensor,
                      counts: torch.Tensor, out: torch.Tensor, out_offset: int = 0,
                      block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
     """Gather stream positions from a two-tier layer store into ``out``, one launch for every KV head.
@@ -141,7 +146,8 @@ def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positio
     p % W. Positions below ``split`` come from the host, the others from the ring. ``positions`` (kv_heads,
     capacity) with ``counts`` (kv_heads,) on the GPU as in ``gather_tokens`` (rows may be strided, e.g. a
     slice of a wider table); row h's tokens land at
-    ``out[:, h, out_offset : out_offset + counts[h]]``. No host read; falls back to
+    ``out[:, h, out_offset : out_offset + counts[h]]``. ``split`` may be a one-element int64 device tensor
+    (read by the kernel: steps captured in CUDA graphs). No host read; falls back to
     ``gather_positions_reference`` where Triton cannot run."""
     _check_two_tier(host, ring, positions, counts, out, out_offset)
     if not (triton is not None and out.is_cuda and all(t.is_cuda or t.is_pinned() for t in (host, ring))):
@@ -155,5 +161,6 @@ def gather_positions(host: torch.Tensor, ring: torch.Tensor, split: int, positio
     grid = (triton.cdiv(max(capacity, 1), block_tokens), heads, 2)
     _gather_two_tier_kernel[grid](host, ring, positions, counts.to(torch.int32), out, split, host.shape[2],
                                   ring.shape[2], positions.stride(0), out.shape[2], out_offset,
-                                  HEADS=heads, DIM=dim, BLOCK_T=block_tokens)
+                                  HEADS=heads, DIM=dim, BLOCK_T=block_tokens,
+                                  SPLIT_ON_DEVICE=torch.is_tensor(split))
     return out

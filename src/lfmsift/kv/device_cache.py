@@ -23,6 +23,13 @@ Clusters close when their newest member leaves the device ring (``cluster_window
 "clustering within the recent KV cache"); the reference closes the groups its LRU store offloads, so the
 two agree exactly when nothing is offloaded (``cluster_window=None`` turns closing off).
 
+``begin_step`` instead of ``begin`` prepares a *step* that ``kv.graphed`` can capture in a CUDA graph and
+replay: every shape is fixed by buckets (the past padded up to a multiple of ``bucket`` positions, the
+chunk's own K/V after the padded past, the cluster tables' scanned slots likewise), every per-chunk value
+(past length, streamed tokens, text group, offloaded split) is a device scalar filled before the forward,
+and the forward changes no host state: ``end`` counts the tokens afterwards (one stream, full-attention
+layers, retrievers whose device index is ``graphable``).
+
 ``streams=B``: B streams advancing in lockstep in one forward (the paper's batches of 4 and 8 streams); each
 stream clusters and selects with its own indexes, the stores and buffers stack the streams' KV heads, so the
 compaction, the gather and the attention are one call each for the whole batch.
@@ -70,10 +77,11 @@ class HostIndexAdapter(LayerIndex):
 
 
 def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
-                   frames: int) -> torch.Tensor:
+                   frames: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(kv_heads, past) bool: every past position whose cluster is selected (text positions always), plus the
-    first ``first`` and last ``recent`` of the ``frames`` streamed positions."""
-    keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True)
+    first ``first`` and last ``recent`` of the ``frames`` streamed positions; ``valid``: the positions that
+    hold a token (a padded past), the others never kept."""
+    keep = torch.where(frame, clusters.index_select(1, groups.clamp(min=0)), True if valid is None else valid)
     if first or recent:
         keep = keep | always_kept(frame, first, recent, frames)
     return keep
@@ -81,12 +89,14 @@ def kept_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Te
 
 @fused
 def select_positions(clusters: torch.Tensor, groups: torch.Tensor, frame: torch.Tensor, first: int, recent: int,
-                     frames: int, arange: torch.Tensor, total: torch.Tensor, columns: torch.Tensor):
+                     frames: int | torch.Tensor, arange: torch.Tensor, total: torch.Tensor, columns: torch.Tensor,
+                     valid: torch.Tensor | None = None):
     """From a cluster selection (kv_heads, clusters) to what each KV head fetches: every past position whose
     cluster is selected (text positions always), plus the first ``first`` and last ``recent`` of the
     ``frames`` streamed positions; returns the keep mask, the ascending positions and their counts per
-    head (``compact``), and adds the usage counts to ``total`` (``count_selected``)."""
-    keep = kept_positions(clusters, groups, frame, first, recent, frames)
+    head (``compact``), and adds the usage counts to ``total`` (``count_selected``). ``valid``: as in
+    ``kept_positions``."""
+    keep = kept_positions(clusters, groups, frame, first, recent, frames, valid)
     total += keep.to(torch.float32) @ columns
     positions, counts = compact.eager(keep, arange)
     return keep, positions, counts
@@ -175,6 +185,9 @@ class DeviceStreamingCache(StreamingKVCache):
             if self.device.type == "cuda" and self.retriever.selection == "previous_layer" else None
         self.frames_seen = 0  # streamed (frame) tokens of each stream stored before the current chunk
         self._adding = False  # inside add_chunk
+        # A prepared step (``begin_step``): its shapes, and the per-chunk values the forward reads on the device.
+        self._step: _Step | None = None
+        self._scalars = torch.zeros(4, dtype=torch.int64, device=self.device)  # past, frames, text group, split
 
     # -- chunk protocol ------------------------------------------------------------------------------------
     def begin(self, kind: str, tokens: int | None = None) -> None:
@@ -197,10 +210,69 @@ class DeviceStreamingCache(StreamingKVCache):
                 self._counted[kind][1] += self.frames_seen
                 self._offloaded[kind] += self._chunk.columns[:, 1].sum()
 
+    def begin_step(self, kind: str, tokens: int, bucket: int = 2048) -> tuple:
+        """``begin`` for a step whose forward can be captured in a CUDA graph (module docstring). Checks
+        everything first (nothing changes on an error). Returns the step's *shape key*: two steps with equal
+        keys run the same kernels on the same tensors, so one captured graph serves both."""
+        if self.streams != 1 or any(self.sliding):
+            raise ValueError("steps captured in CUDA graphs need one stream and a model whose layers all attend "
+                             "fully (no sliding-window layers)")
+        if self.retriever.needs_hint or self.trace is not None:
+            raise ValueError(f"retriever {self.retriever.name!r} or a selection trace needs host work in every "
+                             "layer; steps captured in CUDA graphs cannot run it")
+        if not all(index.graphable for index in self.indexes.values()):
+            raise ValueError(f"retriever {self.retriever.name!r} has no graph-capturable device index; the ones "
+                             "that have: full, resv, resv_shifted")
+        if tokens < 1 or bucket < 1:
+            raise ValueError(f"a step needs tokens >= 1 and bucket >= 1, got {tokens} and {bucket}")
+        StreamingKVCache.begin(self, kind, tokens)  # checks the kind and the budgets
+        past = self.seen
+        padded = _round_up(max(past, 1), bucket)
+        self.store.reserve(tokens, slots=padded)
+        length = _round_up(padded + tokens, _ALIGN)
+        for i, buffer in enumerate(self._buffers):
+            if buffer.shape[2] < length:
+                self._buffers[i] = torch.zeros(2, buffer.shape[1], max(length, 2 * buffer.shape[2]), self.head_dim,
+                                               dtype=self.dtype, device=self.device)
+        for index in self.indexes.values():
+            index.prepare_step(kind, tokens, bucket)
+        window = self.store.layers[0].window if self.store.layers else None
+        split = 0 if window is None else max(0, past - window)
+        self._fill_scalars(past, split)
+        self._step = _Step(kind, padded, tokens, length, counted=self.frames_seen > 0)
+        self._chunk = None
+        if self.frames_seen:
+            self._counted[kind][0] += 1
+            self._counted[kind][1] += self.frames_seen
+        return (self._step.key(), tuple(b.shape for b in self._buffers),
+                tuple((s.ring.shape, s.host.shape, s.groups.shape) for s in self.store.layers),
+                tuple(index.step_key() for index in self.indexes.values()))
+
+    def _fill_scalars(self, past: int, split: int) -> None:
+        """The step's device scalars, filled by launches (no host-to-device copy from pageable memory)."""
+        for i, value in enumerate((past, self.frames_seen, self._text_group, split)):
+            self._scalars[i].fill_(value)
+
     def end(self, tokens: int) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            for store in self.store.layers:
+                store.advance(tokens)
+            for index in self.indexes.values():
+                index.finish_step(self.kind, tokens, self.num_heads * tokens)
+            self._chunk = None
         if self.kind == FRAME:
             self.frames_seen += tokens
         super().end(tokens)
+
+    def cancel_step(self) -> None:
+        """After a prepared step's forward failed: its tokens are not counted (the indexes close their
+        bookkeeping as if they had been, so their bounds stay bounds); the session goes on."""
+        step, self._step = self._step, None
+        if step is not None:
+            for index in self.indexes.values():
+                index.finish_step(self.kind, step.tokens, 0)
+            self._chunk = None
 
     def add_chunk(self, keys: list[torch.Tensor], values: list[torch.Tensor], kind: str = FRAME) -> None:
         """Store a chunk whose K/V were computed elsewhere (a dense prefill, a saved prefix) as if it had been
@@ -241,6 +313,8 @@ class DeviceStreamingCache(StreamingKVCache):
             out = self._window_attention(layer, query[0], key[0], value[0], scaling,
                                          self.view.layers[layer].attention.sliding_window)
             return out
+        if self._step is not None:
+            return self._attend_step(layer, query, key, value, scaling)
         slot = self._slot[layer]
         store = self.store[slot]
         past, tokens = store.tokens, key.shape[2]
@@ -273,6 +347,47 @@ class DeviceStreamingCache(StreamingKVCache):
         store.append_kv(kv, groups)
         return out.reshape(tokens, batch, heads, self.head_dim).transpose(0, 1)
 
+    def _attend_step(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+        """``attend`` in a prepared step: the padded shapes and device scalars of ``begin_step``, no host
+        state changed (the store's count moves on in ``end``)."""
+        step, slot = self._step, self._slot[layer]
+        store, index = self.store[slot], self.indexes[layer]
+        padded, tokens = step.padded, key.shape[2]
+        if self._chunk is None:  # built inside the (captured) forward, from the device scalars
+            self._chunk = _ChunkState.padded(store, self._scalars, padded, tokens, step.length)
+            if step.counted:
+                self._offloaded[self.kind] += self._chunk.columns[:, 1].sum()
+        past = self._scalars[0:1]
+        early = self.retriever.selects_before_assign
+        if early:
+            clusters = [index.select(query[0], self.kind)]
+        if self.kind == FRAME:
+            groups = index.assign(key[0], past)[None]
+        else:
+            groups = self._scalars[2:3].expand(1, tokens)
+        if not early:
+            clusters = [index.select(query[0], self.kind)]
+        if self.retriever.selection == "same_layer":
+            keep, positions, counts = self._select(layer, store, clusters, padded)
+            buffer = self._gather(slot % 2, store, positions, counts)
+        else:
+            keep, buffer, counts = self._prefetched(layer, slot, store)
+            nxt = self._next_full_layer(layer)
+            if nxt is not None:
+                self._prefetch(nxt, *self._select(nxt, store, clusters, padded))
+        k = key.reshape(self.num_kv_heads, tokens, self.head_dim)
+        v = value.reshape(self.num_kv_heads, tokens, self.head_dim)
+        kv = torch.stack([k, v])
+        buffer[:, :, padded : padded + tokens] = kv
+        chunk, heads = self._chunk, query.shape[1]
+        out = attend_gathered(query.reshape(heads, tokens, self.head_dim), buffer[:, :, : chunk.length], counts,
+                              padded, scaling, chunk.attention_mask(heads // self.num_kv_heads), chunk.slots)
+        if step.counted:
+            self._note_visited(layer)
+        store.append_at(kv, groups, past)
+        return out.reshape(tokens, 1, heads, self.head_dim).transpose(0, 1)
+
     def _clusters(self, layer: int, query: torch.Tensor, hint: torch.Tensor | None) -> list:
         """Each stream's cluster selection of ``layer`` (``None`` entries: every group)."""
         return [self.stream_indexes[b][layer].select(query[b], self.kind, hint) for b in range(self.streams)]
@@ -286,9 +401,10 @@ class DeviceStreamingCache(StreamingKVCache):
             total += chunk.columns.sum(0)
             return chunk.dense()
         if self.streams == 1 and clusters[0].shape[1]:
+            frames = self.frames_seen if chunk.valid is None else self._scalars[1]
             return select_positions(clusters[0], store.groups[0, :past], chunk.frame, self.retriever.keep_first,
-                                    self.retriever.keep_recent, self.frames_seen, chunk.positions, total,
-                                    chunk.columns)
+                                    self.retriever.keep_recent, frames, chunk.positions, total, chunk.columns,
+                                    chunk.valid)
         keep = torch.cat([self._kept(c, store.groups[b, :past]) for b, c in enumerate(clusters)])
         count_selected(total, keep, chunk.columns)
         return (keep, *compact(keep, chunk.positions))
@@ -307,7 +423,8 @@ class DeviceStreamingCache(StreamingKVCache):
                 ) -> torch.Tensor:
         """The selected positions' K/V gathered into buffer ``which`` (host and ring tiers, one launch)."""
         buffer = self._buffers[which]
-        gather_positions(store.host, store.ring, store.split, positions, counts, buffer)
+        split = store.split if self._step is None else self._scalars[3:4]
+        gather_positions(store.host, store.ring, split, positions, counts, buffer)
         return buffer
 
     def _prefetched(self, layer: int, slot: int, store: RingLayerStore):
@@ -318,7 +435,7 @@ class DeviceStreamingCache(StreamingKVCache):
             self._selected[self.kind][layer] += self._chunk.columns.sum(0)
             keep, positions, counts = self._chunk.dense()
             return keep, self._gather(slot % 2, store, positions, counts), counts
-        keep, buffer, counts, event = pending
+        keep, buffer, counts, event, _ = pending
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         return keep, buffer, counts
@@ -328,7 +445,7 @@ class DeviceStreamingCache(StreamingKVCache):
         slot = self._slot[layer]
         store = self.store[slot]
         if self._side is None:
-            self._pending[layer] = (keep, self._gather(slot % 2, store, positions, counts), counts, None)
+            self._pending[layer] = (keep, self._gather(slot % 2, store, positions, counts), counts, None, positions)
             return
         main = torch.cuda.current_stream(self.device)
         self._side.wait_stream(main)
@@ -336,9 +453,10 @@ class DeviceStreamingCache(StreamingKVCache):
             buffer = self._gather(slot % 2, store, positions, counts)
             event = torch.cuda.Event()
             event.record(self._side)
-        positions.record_stream(self._side)
-        counts.record_stream(self._side)
-        self._pending[layer] = (keep, buffer, counts, event)
+        if not torch.cuda.is_current_stream_capturing():  # in a capture, the pending entry keeps them alive
+            positions.record_stream(self._side)
+            counts.record_stream(self._side)
+        self._pending[layer] = (keep, buffer, counts, event, positions)
 
     def _note_visited(self, layer: int) -> None:
         """The visited fraction of the bucketed WiCSum (mean over the streams), summed on the device
@@ -350,7 +468,10 @@ class DeviceStreamingCache(StreamingKVCache):
             return
         visited = fractions[0] if self.streams == 1 else torch.stack(fractions).mean(0)
         held = self._visited[self.kind][layer]
-        self._visited[self.kind][layer] = visited if held is None else held + visited
+        if held is None:
+            self._visited[self.kind][layer] = visited.clone()
+        else:
+            held += visited  # in place: a captured step adds to the same counter
 
     # -- statistics ----------------------------------------------------------------------------------------
     def _stored_frame_tokens(self) -> int:
@@ -388,6 +509,20 @@ class DeviceStreamingCache(StreamingKVCache):
 
 
 @dataclass
+class _Step:
+    """The host-side shape of a prepared step: its kind, the padded past, its tokens, the gathered length."""
+
+    kind: str
+    padded: int
+    tokens: int
+    length: int
+    counted: bool  # streamed tokens precede it: its selections are counted
+
+    def key(self) -> tuple:
+        return (self.kind, self.padded, self.tokens, self.length, self.counted)
+
+
+@dataclass
 class _ChunkState:
     """What every layer of one chunk shares: the past's frame / offloaded masks as count columns, the
     position list a selection scatters from, and the chunk's part of the attention mask."""
@@ -400,6 +535,8 @@ class _ChunkState:
     positions: torch.Tensor  # (kv_heads, past) int64 view of arange(past)
     slots: torch.Tensor  # (length,) arange of the gathered buffer's slots
     _built: dict
+    valid: torch.Tensor | None = None  # (past,) bool in a prepared step: the padded positions that hold tokens
+    count: torch.Tensor | None = None  # (1,) int64 in a prepared step: the past length
 
     @classmethod
     def of(cls, store: RingLayerStore, past: int, tokens: int, length: int) -> _ChunkState:
@@ -410,13 +547,31 @@ class _ChunkState:
         positions = slots[:past].expand(store.num_kv_heads, -1)
         return cls(past, tokens, length, frame, columns, positions, slots, {})
 
+    @classmethod
+    def padded(cls, store: RingLayerStore, scalars: torch.Tensor, padded: int, tokens: int, length: int
+               ) -> _ChunkState:
+        """The state of a prepared step: ``padded`` past slots of which the first ``scalars[0]`` hold tokens,
+        those below ``scalars[3]`` offloaded (device scalars: nothing read back)."""
+        slots = torch.arange(length, device=scalars.device)
+        j = slots[:padded]
+        valid = j < scalars[0]
+        frame = (store.groups[0, :padded] >= 0) & valid
+        offloaded = j < scalars[3]
+        columns = torch.stack([frame, frame & offloaded, offloaded & valid], 1).to(torch.float32)
+        positions = j.expand(store.num_kv_heads, -1)
+        return cls(padded, tokens, length, frame, columns, positions, slots, {}, valid, scalars[0:1])
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every past position kept: (keep mask, positions, counts), built once per chunk."""
         if "dense" not in self._built:
             heads, past = self.positions.shape
-            self._built["dense"] = (torch.ones(heads, past, dtype=torch.bool, device=self.frame.device),
-                                    self.positions.contiguous(),
-                                    torch.full((heads,), past, dtype=torch.int64, device=self.frame.device))
+            device = self.frame.device
+            if self.valid is None:
+                keep = torch.ones(heads, past, dtype=torch.bool, device=device)
+                counts = torch.full((heads,), past, dtype=torch.int64, device=device)
+            else:
+                keep, counts = self.valid.expand(heads, -1), self.count.expand(heads)
+            self._built["dense"] = (keep, self.positions.contiguous(), counts)
         return self._built["dense"]
 
     def attention_mask(self, group: int) -> torch.Tensor:

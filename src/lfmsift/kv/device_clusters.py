@@ -15,6 +15,12 @@ The same rules as ``HashClusterTable`` (its docstring), a second implementation 
   member is among the last ``window`` stream positions (the recent KV cache kept on the device: the paper
   clusters "within the recent KV cache").
 
+A step captured in a CUDA graph cannot change host state, nor shapes between replays: ``prepare`` (on the
+host, before the step) fixes the slots scanned to the bound rounded up to a bucket and makes room;
+``assign_at`` then clusters with the chunk's position as a device scalar and writes the size in place;
+``finish`` (after the step) moves the bound on. The extra slots are empty (count 0), so
+WiCSum weighs them nothing.
+
 The bound is tightened without waiting: on CUDA each ``assign`` starts an asynchronous copy of the size
 into pinned memory and, once a later call finds that copy complete (an event query, not a wait), the
 bound becomes the copied size plus the tokens assigned since, so the slots WiCSum scores track the real
@@ -108,6 +114,7 @@ class DeviceClusterTable:
         self.bits = bits
         self.device = torch.device(device)
         self.bound = 0  # host-side upper bound of the number of clusters
+        self.scan: int | None = None  # slots a graph-captured step scans (``prepare``); None: the bound
         self.size = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0  # stream positions seen (the chunk's first position is the caller's)
         # The one-launch assignment (``kernels.cluster_assign``, opt-in) keeps packed hashes; the PyTorch
@@ -123,33 +130,43 @@ class DeviceClusterTable:
         self._size_copy: tuple | None = None  # (event, pinned size, bound when copied) in flight
         self._earlier: dict[int, torch.Tensor] = {}  # per chunk length: (T, T) strictly-lower-triangular mask
 
-    # -- views over the first ``bound`` slots ----------------------------------------------------------------
+    # -- views over the first ``slots`` slots ----------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """The slots selections score: the bound, or the padded count fixed by ``prepare``."""
+        return self.bound if self.scan is None else self.scan
+
     @property
     def valid(self) -> torch.Tensor:
-        """(bound,) bool: the slots that hold clusters."""
-        return self._counts[: self.bound] > 0
+        """(slots,) bool: the slots that hold clusters."""
+        return self._counts[: self.slots] > 0
 
     @property
     def hashes(self) -> torch.Tensor:
         """(bound,) int64 founder hashes (0 in empty slots)."""
-        return self._hashes[: self.bound] if self.fused else pack_bits(self._bits[: self.bound])
+        return self._hashes[: self.slots] if self.fused else pack_bits(self._bits[: self.slots])
 
     @property
     def representatives(self) -> torch.Tensor:
         """(num_kv_heads, bound, head_dim) fp32 mean post-RoPE key of each slot (0 in empty slots)."""
-        counts = self._counts[: self.bound].clamp(min=1).to(torch.float32)
-        return self._sums[:, : self.bound] / counts[None, :, None]
+        counts = self._counts[: self.slots].clamp(min=1).to(torch.float32)
+        return self._sums[:, : self.slots] / counts[None, :, None]
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(num_kv_heads, slots, head_dim) fp32 key sums."""
+        return self._sums[:, : self.slots]
 
     @property
     def counts(self) -> torch.Tensor:
-        return self._counts[: self.bound]
+        return self._counts[: self.slots]
 
     def is_open(self, position: int | None = None) -> torch.Tensor:
         """(bound,) bool: not closed, not empty, and (with a window) with a member among the last ``window``
         positions before ``position`` (default: the positions seen)."""
         position = self.seen if position is None else position
         lowest = _GONE // 2 if self.window is None else position - self.window
-        return self._newest[: self.bound] >= lowest
+        return self._newest[: self.slots] >= lowest
 
     # -- updates -------------------------------------------------------------------------------------------
     def assign(self, keys: torch.Tensor, hashes: torch.Tensor, position: int | None = None) -> torch.Tensor:
@@ -201,6 +218,43 @@ class DeviceClusterTable:
         self.bound += tokens
         self.seen = max(self.seen, position + tokens)
         return cluster
+
+    # -- graph-captured steps ------------------------------------------------------------------------------
+    def prepare(self, tokens: int, bucket: int) -> None:
+        """Before a step whose assignment runs ``assign_at`` (host only): tighten the bound, fix the slots
+        scanned to the bound plus ``tokens`` rounded up to ``bucket``, and make room (the spare slot past
+        them). The PyTorch assignment runs: the one-launch kernel takes host positions."""
+        if self.fused:
+            raise ValueError("steps captured in CUDA graphs cluster with the PyTorch assignment; unset "
+                             "LFMSIFT_ASSIGN_KERNEL")
+        self._tighten_bound()
+        self.scan = -(-max(self.bound + tokens, 1) // bucket) * bucket
+        self._grow(self.scan + 1)
+
+    def assign_at(self, keys: torch.Tensor, rows: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``assign_bits`` at the stream position held by the device scalar ``position``, over the slots
+        fixed by ``prepare``, changing nothing on the host (the size is written in place)."""
+        tokens = rows.shape[0]
+        if self.scan is None or self.scan < self.bound + tokens:
+            raise RuntimeError("DeviceClusterTable.assign_at without prepare")
+        lowest = position - self.window if self.window is not None else _GONE // 2
+        old_min, old_arg, d_in, close, can_found = chunk_distances(
+            rows, self._bits[: self.scan], self._ones[: self.scan], self._newest[: self.scan], lowest,
+            self._earlier_mask(tokens), float(self.threshold))
+        founder = founders(close, can_found)
+        cluster, size = assign_and_write(
+            d_in, close, founder, old_min, old_arg, self.size, float(self.threshold), rows,
+            keys.to(self.device, torch.float32), position, self._bits, self._ones, self._sums, self._counts,
+            self._newest)
+        self.size.copy_(size)
+        return cluster
+
+    def finish(self, tokens: int) -> None:
+        """After a prepared step that clustered ``tokens`` tokens with ``assign_at``: move the bound and the
+        positions on; selections score the bound again until the next ``prepare``."""
+        self.bound += tokens
+        self.seen += tokens
+        self.scan = None
 
     def _earlier_mask(self, tokens: int) -> torch.Tensor:
         if tokens not in self._earlier:

@@ -79,10 +79,11 @@ class RingLayerStore:
                 f"the stream is about to exceed its host budget ({self.host_cap * self.token_bytes} bytes per "
                 f"layer, {self.split * self.token_bytes} used); raise host_bytes or start a new session")
 
-    def reserve(self, incoming: int) -> None:
-        """Make room for ``incoming`` more positions (checked first; growth by doubling)."""
+    def reserve(self, incoming: int, slots: int = 0) -> None:
+        """Make room for ``incoming`` more positions (checked first; growth by doubling), and for at least
+        ``slots`` cluster ids (the padded past a graph-captured step reads)."""
         self.check_room(incoming)
-        need = self.tokens + incoming
+        need = max(self.tokens + incoming, slots)
         if need > self.groups.shape[1]:
             grown = torch.full((self.streams, max(need, 2 * self.groups.shape[1])), -1, dtype=torch.int64,
                                device=self.device)
@@ -123,6 +124,20 @@ class RingLayerStore:
             append_positions(kv, self.ring, self.host, start)
         self.tokens += n
 
+    def append_at(self, kv: torch.Tensor, groups: torch.Tensor, start: torch.Tensor) -> None:
+        """``append_kv`` at the stream position held by the device scalar ``start`` (which must equal
+        ``tokens``), changing nothing on the host: a step captured in a CUDA graph writes this way, and
+        ``advance`` counts the tokens afterwards. ``reserve`` must have made room."""
+        n = kv.shape[2]
+        kv = kv.to(self.dtype)
+        positions = start.reshape(1) + torch.arange(n, device=self.device)
+        self.groups.index_copy_(1, positions, groups.reshape(self.streams, n))
+        append_positions(kv, self.ring, self.ring if self.window is None else self.host, start.reshape(1))
+
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` positions written by ``append_at``."""
+        self.tokens += tokens
+
 
 class RingKVStore:
     """One ``RingLayerStore`` per full-attention layer, sharing a ``TierBudget``."""
@@ -145,11 +160,11 @@ class RingKVStore:
     def __getitem__(self, layer: int) -> RingLayerStore:
         return self.layers[layer]
 
-    def reserve(self, incoming: int) -> None:
+    def reserve(self, incoming: int, slots: int = 0) -> None:
         for store in self.layers:  # check every layer before growing any
             store.check_room(incoming)
         for store in self.layers:
-            store.reserve(incoming)
+            store.reserve(incoming, slots)
 
     def close(self) -> None:
         """Release the tiers (pinned host memory included)."""

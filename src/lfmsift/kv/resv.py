@@ -71,7 +71,8 @@ class ReSVIndex(LayerIndex):
             "tokens_per_cluster": num_tokens / size if size else 0.0,
             "hc_table_bytes": int(self.table.nbytes(num_tokens, key_bytes)),
             # the share of WiCSum rows whose weighted sum was <= 0 (they take the ``nonpositive`` rule)
-            "nonpositive_rows": {stage: float(r["nonpositive"]) / r["rows"] for stage, r in self._rows.items() if r.get("rows")},
+            "nonpositive_rows": {stage: float(r.get("nonpositive", 0)) / r["rows"] for stage, r in self._rows.items()
+                                if r.get("rows")},
         }
 
 
@@ -95,9 +96,15 @@ class DeviceReSVIndex(ReSVIndex):
         super().__init__(config, layer, num_kv_heads, head_dim, device)
         self.table = DeviceClusterTable(num_kv_heads, head_dim, config.hamming_threshold, device, window,
                                         bits=config.hash_bits)
+        self.deferred = False  # inside a prepared (graph-capturable) step
         self._key_sum = self._key_sum.to(device)
 
-    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    graphable = True
+
+    def assign(self, keys: torch.Tensor, position: int | torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_tensor(position):  # a graph-captured step (``prepare_step`` planned it)
+            rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)
+            return self.table.assign_at(keys, rows, position)
         if self.table.fused:  # the one-launch assignment takes packed hashes
             return self.table.assign(keys, self.hash_keys(keys), position)
         rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)  # the bits of ``hash_bits``
@@ -105,12 +112,34 @@ class DeviceReSVIndex(ReSVIndex):
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> torch.Tensor:
         table, c = self.table, self.config
-        mask, self._visited, nonpositive = device_select(queries, table._sums[:, : table.bound], table.counts, c.ratio,
-                                                         c.buckets, c.score_mode, c.nonpositive)
-        rows = self._rows.setdefault(stage, {})
-        rows["rows"] = rows.get("rows", 0) + queries.shape[0] * queries.shape[1]
-        rows["nonpositive"] = rows.get("nonpositive", 0) + nonpositive
+        mask, self._visited, nonpositive = device_select(queries, table.sums, table.counts, c.ratio, c.buckets,
+                                                         c.score_mode, c.nonpositive)
+        rows = self._rows.setdefault(stage, {"rows": 0})
+        if "nonpositive" not in rows:
+            rows["nonpositive"] = torch.zeros((), dtype=torch.int64, device=queries.device)
+        rows["nonpositive"].add_(nonpositive)  # in place: a captured step adds to the same counter
+        if not self.deferred:  # a graph-captured step counts its rows in ``finish_step``
+            rows["rows"] += queries.shape[0] * queries.shape[1]
         return mask
+
+    def prepare_step(self, kind: str, tokens: int, bucket: int) -> None:
+        if self.config.center_keys:
+            raise ValueError("center_keys keeps a host-side key count; it cannot run in CUDA graphs")
+        if self.table.fused:  # the PyTorch assignment (no packed hashes) runs in graphs
+            if self.table.bound:
+                raise ValueError("this index already clustered with the assignment kernel; CUDA graphs need the "
+                                 "PyTorch assignment from the first chunk (unset LFMSIFT_ASSIGN_KERNEL)")
+            self.table.fused = False
+        self.table.prepare(tokens if kind == "frame" else 0, bucket)
+        self.deferred = True
+
+    def step_key(self) -> tuple:
+        return (self.table.scan, self.table._counts.shape[0])
+
+    def finish_step(self, kind: str, tokens: int, rows: int) -> None:
+        self.table.finish(tokens if kind == "frame" else 0)
+        self._rows.setdefault(kind, {"rows": 0})["rows"] += rows
+        self.deferred = False
 
     def cluster_count(self) -> int:
         return self.table.sync_bound()

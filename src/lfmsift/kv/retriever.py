@@ -47,6 +47,22 @@ class LayerIndex(ABC):
         """Per KV head, the fraction of scores the last ``select`` had to visit (early exit), if measured."""
         return None
 
+    # Device indexes whose steps can be captured in CUDA graphs (``kv.graphed``) set ``graphable`` and take,
+    # per chunk: ``prepare_step`` on the host before the forward (fix shapes, make room), ``assign(keys,
+    # position)`` with ``position`` a device scalar and ``select`` changing no host state, then
+    # ``finish_step`` on the host after it (the host-side counts of the chunk).
+    graphable: bool = False
+
+    def prepare_step(self, kind: str, tokens: int, bucket: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot run steps captured in CUDA graphs")
+
+    def finish_step(self, kind: str, tokens: int, rows: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot run steps captured in CUDA graphs")
+
+    def step_key(self) -> tuple:
+        """What a prepared step's kernels depend on beyond the cache's shapes (capacities, padded sizes)."""
+        return ()
+
 
 @dataclass
 class Retriever(ABC):
@@ -128,12 +144,22 @@ class _ChunkIndex(LayerIndex):
 class _DeviceChunkIndex(LayerIndex):
     """One group per chunk on the device path, every group selected."""
 
+    graphable = True
+
     def __init__(self, device: torch.device) -> None:
         self.device, self.groups = device, 0
 
-    def assign(self, keys: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    def assign(self, keys: torch.Tensor, position: int | torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_tensor(position):  # a graph-captured step: the chunk's first position names its group
+            return position.reshape(1).expand(keys.shape[1])
         self.groups += 1
         return torch.full((keys.shape[1],), self.groups - 1, dtype=torch.int64, device=self.device)
+
+    def prepare_step(self, kind: str, tokens: int, bucket: int) -> None:
+        pass
+
+    def finish_step(self, kind: str, tokens: int, rows: int) -> None:
+        self.groups += kind == "frame"
 
     def select(self, queries: torch.Tensor, stage: str = "text", hint: torch.Tensor | None = None) -> None:
         return None
