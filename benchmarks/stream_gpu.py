@@ -244,7 +244,10 @@ def profile_step(step, path: Path) -> None:
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"kernel launches: {launches}\n" + events.table(sort_by="self_cpu_time_total", row_limit=40))
+    text = f"kernel launches: {launches}\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)
+    if DEVICE == "cuda":  # where the GPU's time goes (the same kernels as a graph replays)
+        text += "\nby GPU time:\n" + events.table(sort_by="self_cuda_time_total", row_limit=30)
+    path.write_text(text)
 
 
 @torch.no_grad()

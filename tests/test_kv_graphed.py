@@ -93,8 +93,9 @@ def test_steps_replayed_from_cuda_graphs_give_the_eager_steps(name, options):
     ids = torch.randint(0, 250, (1, sum(n for n, _ in CHUNKS)), generator=torch.Generator().manual_seed(1)).cuda()
     budget = _budget(model, 40)
     want, want_stats, _, _ = _run(model, ids, get_retriever(name, **options), budget, stepped=False)
-    got, stats, _, runner = _run(model, ids, get_retriever(name, **options), budget, stepped=True, graphs=True)
-    assert runner.counts["replayed"] > len(CHUNKS) // 2  # most chunks came from graphs
+    got, stats, _, runner = _run(model, ids, get_retriever(name, **options), budget, stepped=True, graphs=True,
+                                 bucket=128)  # the past crosses one bucket
+    assert runner.counts["replayed"] >= 10 and runner.counts["captured"] >= 2  # most chunks came from graphs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for stage in ("frame_stage", "text_stage"):
         assert stats[stage]["retrieval_ratio"] == pytest.approx(want_stats[stage]["retrieval_ratio"])
