@@ -208,15 +208,17 @@ def prefix(tensors: list[torch.Tensor], streams: int, start: int, stop: int) -> 
     return [t[:streams, :, start:stop].reshape(-1, stop - start, t.shape[-1]) for t in tensors]
 
 
-KERNEL_SWITCHES = ("LFMSIFT_ASSIGN_KERNEL", "LFMSIFT_WICSUM_KERNEL", "LFMSIFT_APPEND_KERNEL")
-KERNEL_SETTINGS = {"off": "000", "append": "001", "on": "111"}
+KERNEL_SWITCHES = ("LFMSIFT_ASSIGN_KERNEL", "LFMSIFT_WICSUM_KERNEL", "LFMSIFT_APPEND_KERNEL",
+                   "LFMSIFT_ATTENTION_KERNEL")
+KERNEL_SETTINGS = {"off": "0000", "append": "0010", "attention": "0011", "on": "1111"}
 
 
 @contextlib.contextmanager
 def kernel_setting(kernels: str):
     """The fused kernels of the device path switched while a cache is built and measured: ``off`` (none:
-    strided copies append to the host tier), ``append`` (only the one-launch append), ``on`` (the
-    clustering and WiCSum kernels too), or ``default`` (what the environment says)."""
+    strided copies append to the host tier, a masked SDPA call attends), ``append`` (only the one-launch
+    append), ``attention`` (the append and the selected-slots attention), ``on`` (the clustering and WiCSum
+    kernels too), or ``default`` (what the environment says)."""
     if kernels not in (*KERNEL_SETTINGS, "default"):
         raise ValueError(f"--kernels takes {', '.join(KERNEL_SETTINGS)} or default, got {kernels!r}")
     saved = {k: os.environ.get(k) for k in KERNEL_SWITCHES}
@@ -472,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1", help="streams per forward (lockstep), e.g. 1,4")
     parser.add_argument("--kernels", default="default",
                         help="the device path's fused Triton kernels per row: off, append (the one-launch store "
-                             "append only), on (clustering and WiCSum too) or default (the environment's), "
-                             "e.g. off,append,on side by side")
+                             "append only), attention (the append and the selected-slots attention), on "
+                             "(clustering and WiCSum too) or default (the environment's), e.g. off,append,on "
+                             "side by side")
     parser.add_argument("--graphs", default="off",
                         help="per row: off (every kernel issued by the host) or on (each chunk replayed from a CUDA "
                              "graph of its prepared step, lfmsift.kv.graphed; one stream), e.g. off,on side by side")

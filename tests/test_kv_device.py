@@ -564,7 +564,7 @@ def test_the_gathered_attention_keeps_off_cudnn_unless_told(monkeypatch):
     PyTorch's own choice with ``any``, a clear error for an unknown name (before any attention runs)."""
     from torch.nn.attention import SDPBackend
 
-    from lfmsift.kv.attention import attend_gathered, attend_reference, sdpa_backends
+    from lfmsift.kv.attention import attend_masked, attend_reference, sdpa_backends
 
     monkeypatch.delenv("LFMSIFT_SDPA_BACKENDS", raising=False)
     assert sdpa_backends() == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -587,7 +587,7 @@ def test_the_gathered_attention_keeps_off_cudnn_unless_told(monkeypatch):
     buffer[:, :, :past] = torch.randn(2, kv, past, dim, generator=gen)
     own = torch.randn(2, kv, tokens, dim, generator=gen)
     buffer[:, :, past : past + tokens] = own
-    out = attend_gathered(query.cuda().bfloat16(), buffer.cuda().bfloat16(), counts.cuda(), past, dim ** -0.5)
+    out = attend_masked(query.cuda().bfloat16(), buffer.cuda().bfloat16(), counts.cuda(), past, dim ** -0.5)
     want = attend_reference(query, [buffer[0, h, : counts[h]] for h in range(kv)],
                             [buffer[1, h, : counts[h]] for h in range(kv)], own[0], own[1], dim ** -0.5)
     assert torch.allclose(out.double().cpu(), want, atol=3e-2)

@@ -7,7 +7,9 @@ SDPA call attends every head with K/V read once per KV head; the mask (selected 
 built on the device from ``counts``, so the call needs nothing from the host. ``attend_reference`` is the
 same attention head by head on the selected tokens alone (the oracle).
 
-On CUDA the call is restricted to PyTorch's memory-efficient kernel (the math kernel as fallback), which
+On CUDA the attention runs ``kernels.gathered_attention``, which reads each head's selected slots only;
+elsewhere (and with ``LFMSIFT_ATTENTION_KERNEL=0``) it is one masked SDPA call over the whole buffer
+(``attend_masked``). On CUDA that call is restricted to PyTorch's memory-efficient kernel (the math kernel as fallback), which
 takes the boolean mask as it is: left to choose, PyTorch picks cuDNN's attention for a masked call on
 Hopper, and a profile of a frame issued behind a GPU sleep found cuDNN's forward holding the host until the
 GPU caught up (a memset inside it; docs/results.md, "Waits the debug mode does not see"). ``LFMSIFT_SDPA_BACKENDS``
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lfmsift.kernels import gathered_attention
 from lfmsift.kernels.compiled import fused
 
 
@@ -71,13 +74,25 @@ def _backend_scope(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
-@fused
 def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
                     scaling: float, chunk: torch.Tensor | None = None, slots: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """query (heads, tokens, head_dim) post-RoPE; buffer and counts as in the module docstring; ``chunk``: the
     chunk's part of the mask (``chunk_mask``), shared by the layers of one chunk.
-    Returns (tokens, heads, head_dim), the layout transformers' attention functions return."""
+    Returns (tokens, heads, head_dim), the layout transformers' attention functions return.
+
+    On CUDA the attention runs ``kernels.gathered_attention``, which reads only each head's selected slots
+    and the chunk (``LFMSIFT_ATTENTION_KERNEL=0``: the masked SDPA call over the whole buffer, below)."""
+    if gathered_attention.available(query, buffer):
+        return gathered_attention.gathered_attention(query, buffer, counts, start, scaling)
+    return attend_masked(query, buffer, counts, start, scaling, chunk, slots)
+
+
+@fused
+def attend_masked(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Tensor, start: int,
+                  scaling: float, chunk: torch.Tensor | None = None, slots: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``attend_gathered`` as one SDPA call over the whole buffer, masked (``gathered_mask``)."""
     heads, tokens, dim = query.shape
     kv_heads, length = buffer.shape[1], buffer.shape[2]
     group = heads // kv_heads
