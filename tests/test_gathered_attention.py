@@ -30,6 +30,7 @@ CASES = [  # kv heads, group, tokens, dim, start (padded past), counts
     (1, 2, 1, 32, 1024, [1000]),
     (4, 4, 20, 64, 520, [519, 256, 3, 0]),
     (1, 1, 70, 16, 16, [16]),
+    (3, 2, 4, 16, 64, "expanded"),  # one count for every head, as an expanded device scalar (a prepared step)
 ]
 
 
@@ -37,26 +38,29 @@ CASES = [  # kv heads, group, tokens, dim, start (padded past), counts
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kv, group, tokens, dim, start, counts", CASES)
 def test_kernel_attends_to_each_heads_selected_slots_and_the_chunk_causally(kv, group, tokens, dim, start, counts,
-                                                                               dtype):
+                                                                               dtype, monkeypatch):
     device = _device()
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter multiplies bf16 tiles wrongly (tl.dot); bf16 runs on CUDA")
     gen = torch.Generator().manual_seed(start + tokens)
     length = start + tokens + 7
     buffer = torch.randn(2, kv, length, dim, generator=gen)
-    counts = torch.tensor(counts)
+    expanded = counts == "expanded"
+    counts = torch.tensor([37]).expand(kv) if expanded else torch.tensor(counts)
     query = torch.randn(kv * group, tokens, dim, generator=gen)
     own = buffer[:, :, start : start + tokens]
     scale = dim ** -0.5
     want = attend_reference(query.to(dtype), [buffer[0, h, : counts[h]].to(dtype) for h in range(kv)],
                             [buffer[1, h, : counts[h]].to(dtype) for h in range(kv)], own[0].to(dtype),
                             own[1].to(dtype), scale)
-    got = gathered_attention.gathered_attention(query.to(device, dtype), buffer.to(device, dtype),
-                                                counts.to(device), start, scale)
+    on_device = torch.tensor([37], device=device).expand(kv) if expanded else counts.to(device)
+    got = gathered_attention.gathered_attention(query.to(device, dtype), buffer.to(device, dtype), on_device, start,
+                                                scale)
     assert got.shape == (tokens, kv * group, dim) and got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)
-    # attend_gathered takes the kernel here; the masked SDPA call agrees with it
+    # with the kernel switched on, attend_gathered takes it; the masked SDPA call agrees with it
+    monkeypatch.setenv("LFMSIFT_ATTENTION_KERNEL", "1")
     masked = attend_masked(query.to(device, dtype), buffer.to(device, dtype), counts.to(device), start, scale)
     torch.testing.assert_close(attend_gathered(query.to(device, dtype), buffer.to(device, dtype), counts.to(device),
                                                start, scale).double().cpu(), masked.double().cpu(), atol=tol, rtol=tol)

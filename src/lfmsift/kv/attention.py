@@ -7,8 +7,8 @@ SDPA call attends every head with K/V read once per KV head; the mask (selected 
 built on the device from ``counts``, so the call needs nothing from the host. ``attend_reference`` is the
 same attention head by head on the selected tokens alone (the oracle).
 
-On CUDA the attention runs ``kernels.gathered_attention``, which reads each head's selected slots only;
-elsewhere (and with ``LFMSIFT_ATTENTION_KERNEL=0``) it is one masked SDPA call over the whole buffer
+With ``LFMSIFT_ATTENTION_KERNEL=1`` on CUDA the attention runs ``kernels.gathered_attention``, which reads
+each head's selected slots only; otherwise it is one masked SDPA call over the whole buffer
 (``attend_masked``). On CUDA that call is restricted to PyTorch's memory-efficient kernel (the math kernel as fallback), which
 takes the boolean mask as it is: left to choose, PyTorch picks cuDNN's attention for a masked call on
 Hopper, and a profile of a frame issued behind a GPU sleep found cuDNN's forward holding the host until the
@@ -81,8 +81,9 @@ def attend_gathered(query: torch.Tensor, buffer: torch.Tensor, counts: torch.Ten
     chunk's part of the mask (``chunk_mask``), shared by the layers of one chunk.
     Returns (tokens, heads, head_dim), the layout transformers' attention functions return.
 
-    On CUDA the attention runs ``kernels.gathered_attention``, which reads only each head's selected slots
-    and the chunk (``LFMSIFT_ATTENTION_KERNEL=0``: the masked SDPA call over the whole buffer, below)."""
+    With ``LFMSIFT_ATTENTION_KERNEL=1`` on CUDA the attention runs ``kernels.gathered_attention``, which
+    reads only each head's selected slots and the chunk; otherwise one masked SDPA call over the whole
+    buffer (``attend_masked``)."""
     if gathered_attention.available(query, buffer):
         return gathered_attention.gathered_attention(query, buffer, counts, start, scaling)
     return attend_masked(query, buffer, counts, start, scaling, chunk, slots)
