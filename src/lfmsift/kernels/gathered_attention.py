@@ -49,6 +49,21 @@ def available(query: torch.Tensor, buffer: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 inputs: exact products, not TF32
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _online_step(qt, kt, vt, seen, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+        """One block of keys folded into a running softmax (max, sum, weighted values) of each query row."""
+        s = tl.where(seen, _dot(qt, tl.trans(kt), IEEE) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
+
+    @triton.jit
     def _partial_kernel(q, buffer, counts, acc_out, m_out, l_out, rows, tokens, start, length, scale, splits,
                         KV_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         ITERS: tl.constexpr, IEEE: tl.constexpr):
@@ -62,7 +77,7 @@ if triton is not None:
         qt = tl.load(q + (h64 * rows + r)[:, None] * DIM + d[None, :], mask=live[:, None], other=0.0)
         keys = buffer + h64 * length * DIM
         values = buffer + (KV_HEADS + h64) * length * DIM
-        m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+        m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: a block with nothing seen adds nothing
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, DIM], tl.float32)
         if split < splits - 1:  # a block of the head's selected past: slots [0, counts[h])
@@ -72,22 +87,10 @@ if triton is not None:
                 for it in tl.static_range(ITERS):
                     j = lo + it * BLOCK_N + tl.arange(0, BLOCK_N)
                     seen = j < n
-                    kt = tl.load(keys + j[:, None].to(tl.int64) * DIM + d[None, :], mask=seen[:, None], other=0.0)
-                    vt = tl.load(values + j[:, None].to(tl.int64) * DIM + d[None, :], mask=seen[:, None], other=0.0)
-                    if IEEE:
-                        s = tl.dot(qt, tl.trans(kt), input_precision="ieee")
-                    else:
-                        s = tl.dot(qt, tl.trans(kt))
-                    s = tl.where(seen[None, :], s * scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    alpha = tl.exp(m_i - m_new)
-                    p = tl.exp(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    if IEEE:
-                        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-                    else:
-                        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                    m_i = m_new
+                    slot = j[:, None].to(tl.int64) * DIM + d[None, :]
+                    kt = tl.load(keys + slot, mask=seen[:, None], other=0.0)
+                    vt = tl.load(values + slot, mask=seen[:, None], other=0.0)
+                    m_i, l_i, acc = _online_step(qt, kt, vt, seen[None, :], m_i, l_i, acc, scale, IEEE)
         else:  # the chunk itself: row g * tokens + t sees [start, start + t]
             t = r % tokens
             for n0 in range(0, tokens, BLOCK_N):
@@ -96,21 +99,8 @@ if triton is not None:
                 slot = (start + jj)[:, None].to(tl.int64) * DIM + d[None, :]
                 kt = tl.load(keys + slot, mask=inside[:, None], other=0.0)
                 vt = tl.load(values + slot, mask=inside[:, None], other=0.0)
-                if IEEE:
-                    s = tl.dot(qt, tl.trans(kt), input_precision="ieee")
-                else:
-                    s = tl.dot(qt, tl.trans(kt))
                 seen = inside[None, :] & (jj[None, :] <= t[:, None])
-                s = tl.where(seen, s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
+                m_i, l_i, acc = _online_step(qt, kt, vt, seen, m_i, l_i, acc, scale, IEEE)
         state = (h64 * splits + split) * rows + r
         tl.store(acc_out + state[:, None] * DIM + d[None, :], acc, mask=live[:, None])
         tl.store(m_out + state, m_i, mask=live)
