@@ -114,6 +114,13 @@ def test_stream_cli_on_a_text_file(smollm2, data_dir, tmp_path):
     record = json.loads(out.read_text())
     assert record["stats"]["path"] == "device" and record["answers"][0]["tokens"] >= 1
     assert record["stats"]["store"]["bytes"]["host"] > 0 and record["stats"]["store"]["moved_bytes"]["fetched_host"] > 0
+    # --graphs: the same stream as prepared steps (eager here), the same answer
+    result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--chunk-tokens", "128",
+                                      "--cache-path", "device", "--device-bytes", "16M", "--ask", "What is it about?",
+                                      "--max-new-tokens", "4", "--graphs", "--json", str(tmp_path / "graphs.json")])
+    assert result.exit_code == 0, result.output
+    graphed = json.loads((tmp_path / "graphs.json").read_text())["answers"]
+    assert [(a["answer"], a["tokens"]) for a in graphed] == [(a["answer"], a["tokens"]) for a in record["answers"]]
     result = CliRunner().invoke(app, ["stream", str(doc), "--model", "smollm2-135m", "--cache-path", "device",
                                       "--disk-bytes", "1G"])
     assert result.exit_code == 2 and "no disk tier" in result.output
@@ -168,3 +175,32 @@ def test_device_path_selects_the_reference_tokens_on_a_real_model_stream(smollm2
     assert ids == want_ids
     assert stats["frame_stage"]["retrieval_ratio"] == pytest.approx(want_stats["frame_stage"]["retrieval_ratio"])
     assert 0 < stats["frame_stage"]["retrieval_ratio"] < 1
+
+
+@pytest.mark.real
+def test_a_session_of_prepared_steps_answers_as_the_per_chunk_device_path(smollm2, data_dir):
+    """``graphs=True`` (the prepared steps CUDA graphs replay; eager here on the CPU) against the device
+    path's per-chunk steps on SmolLM2 and WikiText-2, with a device window so that older tokens are read
+    from the host tier: the same greedy answer and retrieval ratios."""
+    from lfmsift.kv import ReSV, TierBudget
+
+    model, tok = smollm2
+    cfg = model.config
+    token_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    budget = TierBudget(device_bytes=256 * token_bytes * cfg.num_hidden_layers)
+    text = (data_dir / "text" / "wikitext2_test.txt").read_text()[:2000]
+    results = {}
+    for graphs in (False, True):
+        with StreamingSession(model, tok, retriever=ReSV(buckets=20), budget=budget, cache_path="device",
+                              graphs=graphs) as session:
+            for i in range(0, len(text), 400):
+                session.feed(text[i : i + 400])
+            answer = session.ask("What is this about?", max_new_tokens=6)
+            results[graphs] = (answer.token_ids, session.stats())
+    (want_ids, want_stats), (ids, stats) = results[False], results[True]
+    assert ids == want_ids
+    assert stats["store"]["bytes"]["host"] > 0
+    for stage in ("frame_stage", "text_stage"):
+        assert stats[stage]["retrieval_ratio"] == pytest.approx(want_stats[stage]["retrieval_ratio"])
+    with pytest.raises(ValueError, match="device path"):
+        StreamingSession(model, tok, cache_path="reference", graphs=True)

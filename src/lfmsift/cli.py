@@ -361,6 +361,9 @@ def stream(
     cache_path: str = typer.Option("auto", help="KV cache implementation: auto (device on CUDA unless a disk "
                                                 "tier is asked for), device (no host read inside a layer) or "
                                                 "reference (the oracle; any device, disk tier)."),
+    graphs: bool = typer.Option(False, help="Device path: run token chunks as prepared steps replayed from "
+                                            "CUDA graphs on CUDA (full, resv, resv_shifted; full-attention "
+                                            "models)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write answers and statistics as JSON."),
 ) -> None:
     """Stream a video (or a long text) into a model with a tiered, retrieved KV cache, then ask questions."""
@@ -389,7 +392,8 @@ def stream(
         _fail(exc)
     answers = []
     try:
-        session = StreamingSession(model_obj, processor, retriever=chosen, budget=budget, cache_path=cache_path)
+        session = StreamingSession(model_obj, processor, retriever=chosen, budget=budget, cache_path=cache_path,
+                                   graphs=graphs)
     except Exception as exc:
         _fail(exc)
     with session:

@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 
 from lfmsift.kv.cache import FRAME, TEXT, build_cache, install, uninstall
+from lfmsift.kv.device_cache import DeviceStreamingCache
+from lfmsift.kv.graphed import GraphedStream
 from lfmsift.kv.retriever import Retriever, get_retriever
 from lfmsift.kv.store import TierBudget
 from lfmsift.models.adapters import cache_argument, describe
@@ -74,6 +76,9 @@ class StreamingSession:
 
     ``retriever``: a ``Retriever`` or a registered name (``"resv"``, ``"full"``); ``budget``: byte budgets
     of the KV tiers; ``cache_path``: ``auto`` / ``device`` / ``reference`` (``lfmsift.kv.cache.build_cache``); ``frame_text``: the text a VLM processor expands into one frame's image tokens.
+    ``graphs``: run chunks given as tokens as prepared steps of the device path (``lfmsift.kv.graphed``),
+    replayed from CUDA graphs on CUDA (the same steps eagerly elsewhere); image frames and ``score`` run
+    as usual.
     Use as a context manager (or call ``close()``) to restore the model's attention and drop disk files.
     """
 
@@ -85,6 +90,7 @@ class StreamingSession:
     frame_text: str = "<image>"
     chat: bool = True
     cache_path: str = "auto"
+    graphs: bool = False
     frames_fed: int = field(default=0, init=False)
     chunks_fed: int = field(default=0, init=False)
     text_tokens: int = field(default=0, init=False)
@@ -96,6 +102,11 @@ class StreamingSession:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.view = describe(self.model)
         self.cache = build_cache(self.view, self.retriever, self.budget or TierBudget(), self.cache_path)
+        self._graphed = None
+        if self.graphs:
+            if not isinstance(self.cache, DeviceStreamingCache):
+                raise ValueError("graphs=True runs on the device path: use cache_path='device' (or 'auto' on CUDA)")
+            self._graphed = GraphedStream(self.model, self.cache)
         install(self.cache)
         self.parts = chat_parts(self.tokenizer, self.system_prompt) if self.chat else _plain_parts(self.system_prompt)
         self._started = False
@@ -117,15 +128,18 @@ class StreamingSession:
     def _forward(self, input_ids: torch.Tensor, kind: str, **extra) -> torch.Tensor:
         if input_ids.numel() == 0:
             raise ValueError("nothing to feed: the input tokenizes to zero tokens")
-        self.cache.begin(kind, input_ids.shape[1])
-        out = self.model(input_ids=input_ids.to(self.device), **cache_argument(self.model, self.cache), use_cache=True,
-                         logits_to_keep=1, **extra)
-        self.cache.end(input_ids.shape[1])
+        if self._graphed is not None and not extra:
+            logits = self._graphed(kind, input_ids=input_ids.to(self.device))[0]
+        else:
+            self.cache.begin(kind, input_ids.shape[1])
+            logits = self.model(input_ids=input_ids.to(self.device), **cache_argument(self.model, self.cache),
+                                use_cache=True, logits_to_keep=1, **extra).logits[0, -1]
+            self.cache.end(input_ids.shape[1])
         if kind == TEXT:
             self.text_tokens += input_ids.shape[1]
         else:
             self.frame_tokens += input_ids.shape[1]
-        return out.logits[0, -1].float()
+        return logits.float()
 
     def _tokens(self, text: str) -> torch.Tensor:
         return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
