@@ -15,7 +15,7 @@ from lfmsift.kv import TierBudget, get_retriever
 from lfmsift.kv.cache import install, uninstall
 from lfmsift.kv.device_cache import DeviceStreamingCache
 from lfmsift.kv.graphed import GraphedStream
-from lfmsift.models.adapters import describe
+from lfmsift.models.adapters import cache_argument, describe
 from lfmsift.models.tiny import tiny_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -50,7 +50,7 @@ def _run(model, ids, retriever, budget, stepped: bool, graphs: bool = False, buc
                     logits.append(runner(kind, input_ids=chunk).float().cpu())
                 else:
                     cache.begin(kind, n)
-                    logits.append(model(chunk, past_key_values=cache).logits[:, -1].float().cpu())
+                    logits.append(model(chunk, **cache_argument(model, cache)).logits[:, -1].float().cpu())
                     cache.end(n)
                 start += n
         stored = [(s.tokens, s.groups[:, : s.tokens].cpu(), s.host[:, :, : s.split].cpu()) for s in cache.store.layers]
