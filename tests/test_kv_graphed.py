@@ -65,6 +65,32 @@ def _run(model, ids, retriever, budget, stepped: bool, graphs: bool = False, buc
                                                            for n, o in RETRIEVERS])
 def test_prepared_steps_give_the_per_chunk_path_exactly(device, name, options):
     """Logits, retrieval and fetched ratios, the stored K/V (host tier included) and the tokens' groups."""
+    _check_prepared_steps(device, name, options)
+
+
+def _assign_kernel_device() -> str | None:
+    import os
+
+    from lfmsift.kernels import cluster_assign
+
+    if cluster_assign.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.mark.skipif(_assign_kernel_device() is None,
+                    reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1; numpy < 2)")
+@pytest.mark.parametrize("options", [{"buckets": 20}, {"buckets": 20, "selection": "previous_layer"}],
+                         ids=["same_layer", "previous_layer"])
+def test_prepared_steps_with_the_assignment_kernel_give_the_per_chunk_path(monkeypatch, options):
+    """The one-launch clustering reads the chunk's position from the device in a prepared step."""
+    monkeypatch.setenv("LFMSIFT_ASSIGN_KERNEL", "1")
+    _check_prepared_steps(_assign_kernel_device(), "resv", options)
+
+
+def _check_prepared_steps(device, name, options):
     model = tiny_model("llama", seed=0, dtype=torch.float32).to(device)
     ids = torch.randint(0, 250, (1, sum(n for n, _ in CHUNKS)), generator=torch.Generator().manual_seed(1)).to(device)
     budget = _budget(model, 40)  # a device window of 40 tokens: most of the stream is read from the host tier

@@ -53,7 +53,12 @@ if triton is not None:
     @triton.jit
     def _assign_kernel(hashes, keys, cluster_out, size_in, size_out, table_hashes, counts, newest, sums,
                        tokens, bound, capacity, position, lowest, threshold,
-                       KV: tl.constexpr, DIM: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                       KV: tl.constexpr, DIM: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                       POSITION_ON_DEVICE: tl.constexpr, LOWEST_IS_WINDOW: tl.constexpr):
+        if POSITION_ON_DEVICE:  # a graph-captured step: the chunk's position is read, ``lowest`` may be a window
+            position = tl.load(position)
+            if LOWEST_IS_WINDOW:
+                lowest = position - lowest
         tt = tl.arange(0, BT)
         in_chunk = tt < tokens
         h = tl.load(hashes + tt, mask=in_chunk, other=0)
@@ -105,12 +110,15 @@ if triton is not None:
             tl.atomic_add(sums + ((head * capacity + cluster[:, None]) * DIM + dd[None, :]), k, mask=in_chunk[:, None])
 
 
-def assign_chunk(hashes: torch.Tensor, keys: torch.Tensor, position: int, lowest: int, threshold: int, bound: int,
-                 size: torch.Tensor, table_hashes: torch.Tensor, counts: torch.Tensor, newest: torch.Tensor,
-                 sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign_chunk(hashes: torch.Tensor, keys: torch.Tensor, position: int | torch.Tensor, lowest: int,
+                 threshold: int, bound: int, size: torch.Tensor, table_hashes: torch.Tensor, counts: torch.Tensor,
+                 newest: torch.Tensor, sums: torch.Tensor, window: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's clusters (tokens,) int64 and the new size (a 0-dim tensor); the table tensors (packed
     hashes, counts, newest, key sums (kv_heads, capacity, head_dim) fp32) are updated in place and must hold
-    ``bound + tokens`` slots. No host read."""
+    ``bound + tokens`` slots. No host read. ``position`` may be a one-element int64 device tensor (a step
+    captured in a CUDA graph); then, with a ``window``, the open clusters are those whose newest member is at
+    or after ``position - window`` (``lowest`` is used otherwise)."""
     tokens = hashes.shape[0]
     kv, capacity, dim = sums.shape
     if keys.shape != (kv, tokens, dim):
@@ -121,7 +129,10 @@ def assign_chunk(hashes: torch.Tensor, keys: torch.Tensor, position: int, lowest
     new_size = torch.empty((), dtype=torch.int64, device=hashes.device)
     bt = max(16, triton.next_power_of_2(max(tokens, 1)))
     bc = max(16, 4096 // bt)
+    on_device = torch.is_tensor(position)
+    windowed = on_device and window is not None
     _assign_kernel[(1,)](hashes.contiguous(), keys.to(torch.float32).contiguous(), cluster, size, new_size,
-                         table_hashes, counts, newest, sums, tokens, bound, capacity, position, lowest, threshold,
-                         KV=kv, DIM=dim, BT=bt, BC=bc)
+                         table_hashes, counts, newest, sums, tokens, bound, capacity, position,
+                         window if windowed else lowest, threshold, KV=kv, DIM=dim, BT=bt, BC=bc,
+                         POSITION_ON_DEVICE=on_device, LOWEST_IS_WINDOW=windowed)
     return cluster, new_size

@@ -223,20 +223,25 @@ class DeviceClusterTable:
     def prepare(self, tokens: int, bucket: int) -> None:
         """Before a step whose assignment runs ``assign_at`` (host only): tighten the bound, fix the slots
         scanned to the bound plus ``tokens`` rounded up to ``bucket``, and make room (the spare slot past
-        them). The PyTorch assignment runs: the one-launch kernel takes host positions."""
-        if self.fused:
-            raise ValueError("steps captured in CUDA graphs cluster with the PyTorch assignment; unset "
-                             "LFMSIFT_ASSIGN_KERNEL")
+        them)."""
         self._tighten_bound()
         self.scan = -(-max(self.bound + tokens, 1) // bucket) * bucket
         self._grow(self.scan + 1)
 
-    def assign_at(self, keys: torch.Tensor, rows: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """``assign_bits`` at the stream position held by the device scalar ``position``, over the slots
-        fixed by ``prepare``, changing nothing on the host (the size is written in place)."""
-        tokens = rows.shape[0]
+    def assign_at(self, keys: torch.Tensor, codes: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``assign`` (``codes``: packed hashes, with the assignment kernel) or ``assign_bits`` (``codes``: 0/1
+        rows) at the stream position held by the device scalar ``position``, over the slots fixed by
+        ``prepare``, changing nothing on the host (the size is written in place)."""
+        tokens = codes.shape[0]
         if self.scan is None or self.scan < self.bound + tokens:
             raise RuntimeError("DeviceClusterTable.assign_at without prepare")
+        if self.fused:
+            cluster, size = cluster_assign.assign_chunk(
+                codes, keys.to(self.device), position.reshape(1), _GONE // 2, self.threshold, self.scan, self.size,
+                self._hashes, self._counts, self._newest, self._sums, self.window)
+            self.size.copy_(size)
+            return cluster
+        rows = codes
         lowest = position - self.window if self.window is not None else _GONE // 2
         old_min, old_arg, d_in, close, can_found = chunk_distances(
             rows, self._bits[: self.scan], self._ones[: self.scan], self._newest[: self.scan], lowest,

@@ -103,8 +103,9 @@ class DeviceReSVIndex(ReSVIndex):
 
     def assign(self, keys: torch.Tensor, position: int | torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_tensor(position):  # a graph-captured step (``prepare_step`` planned it)
-            rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)
-            return self.table.assign_at(keys, rows, position)
+            codes = self.hash_keys(keys) if self.table.fused else \
+                (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)
+            return self.table.assign_at(keys, codes, position)
         if self.table.fused:  # the one-launch assignment takes packed hashes
             return self.table.assign(keys, self.hash_keys(keys), position)
         rows = (self.hashed_keys(keys).float() @ self.planes > 0).to(torch.float32)  # the bits of ``hash_bits``
@@ -125,11 +126,6 @@ class DeviceReSVIndex(ReSVIndex):
     def prepare_step(self, kind: str, tokens: int, bucket: int) -> None:
         if self.config.center_keys:
             raise ValueError("center_keys keeps a host-side key count; it cannot run in CUDA graphs")
-        if self.table.fused:  # the PyTorch assignment (no packed hashes) runs in graphs
-            if self.table.bound:
-                raise ValueError("this index already clustered with the assignment kernel; CUDA graphs need the "
-                                 "PyTorch assignment from the first chunk (unset LFMSIFT_ASSIGN_KERNEL)")
-            self.table.fused = False
         self.table.prepare(tokens if kind == "frame" else 0, bucket)
         self.deferred = True
 
