@@ -372,13 +372,8 @@ def sync_check(model, keys, values, embeds, args) -> dict:
     if DEVICE == "cpu":
         return {"skipped": "CUDA's sync debug mode needs a GPU"}
     for selection in ("same_layer", "previous_layer"):
-        cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
-        install(cache)
+        cache, n = loaded_cache(model, keys, values, args, selection, budget)
         try:
-            n = min(args.caches)
-            for start in range(0, n, args.frame_tokens):
-                m = min(args.frame_tokens, n - start)
-                cache.add_chunk(prefix(keys, 1, start, start + m), prefix(values, 1, start, start + m))
             chunk = embeds[:1, n : n + args.frame_tokens]
             for _ in range(2):  # warm up
                 cache.begin(FRAME, chunk.shape[1])
@@ -428,16 +423,22 @@ def sync_check(model, keys, values, embeds, args) -> dict:
     return out
 
 
+def loaded_cache(model, keys, values, args, selection: str, budget: TierBudget):
+    """An installed ReSV cache holding the shortest cache length of the prefill, frame by frame; and that length."""
+    cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
+    install(cache)
+    n = min(args.caches)
+    for start in range(0, n, args.frame_tokens):
+        m = min(args.frame_tokens, n - start)
+        cache.add_chunk(prefix(keys, 1, start, start + m), prefix(values, 1, start, start + m))
+    return cache, n
+
+
 def graph_sleep_check(model, keys, values, embeds, args, selection: str, budget: TierBudget) -> dict:
     """A frame replayed from its CUDA graph, issued behind a second-long GPU sleep: the host milliseconds
     it took (a replay queues the whole frame at once, so it returns at once unless something waits)."""
-    cache = DeviceStreamingCache(describe(model), ReSV(selection=selection, buckets=20), budget)
-    install(cache)
+    cache, n = loaded_cache(model, keys, values, args, selection, budget)
     try:
-        n = min(args.caches)
-        for start in range(0, n, args.frame_tokens):
-            m = min(args.frame_tokens, n - start)
-            cache.add_chunk(prefix(keys, 1, start, start + m), prefix(values, 1, start, start + m))
         runner = GraphedStream(model, cache, bucket=args.bucket)
         at = n
         for _ in range(3):  # eager, captured, replayed

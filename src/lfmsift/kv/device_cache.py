@@ -325,14 +325,7 @@ class DeviceStreamingCache(StreamingKVCache):
         groups = self._groups(layer, key, past, tokens)
         if not early:
             clusters = self._clusters(layer, query, hint)
-        if self.retriever.selection == "same_layer":
-            keep, positions, counts = self._select(layer, store, clusters, past)
-            buffer = self._gather(slot % 2, store, positions, counts)
-        else:
-            keep, buffer, counts = self._prefetched(layer, slot, store)
-            nxt = self._next_full_layer(layer)
-            if nxt is not None:
-                self._prefetch(nxt, *self._select(nxt, store, clusters, past))
+        keep, buffer, counts = self._fetch(layer, slot, store, clusters, past)
         if self.trace is not None:
             self.trace.append((layer, self.kind, keep))
         k = key.reshape(batch * self.num_kv_heads, tokens, self.head_dim)
@@ -368,14 +361,7 @@ class DeviceStreamingCache(StreamingKVCache):
             groups = self._scalars[2:3].expand(1, tokens)
         if not early:
             clusters = [index.select(query[0], self.kind)]
-        if self.retriever.selection == "same_layer":
-            keep, positions, counts = self._select(layer, store, clusters, padded)
-            buffer = self._gather(slot % 2, store, positions, counts)
-        else:
-            keep, buffer, counts = self._prefetched(layer, slot, store)
-            nxt = self._next_full_layer(layer)
-            if nxt is not None:
-                self._prefetch(nxt, *self._select(nxt, store, clusters, padded))
+        keep, buffer, counts = self._fetch(layer, slot, store, clusters, padded)
         k = key.reshape(self.num_kv_heads, tokens, self.head_dim)
         v = value.reshape(self.num_kv_heads, tokens, self.head_dim)
         kv = torch.stack([k, v])
@@ -387,6 +373,19 @@ class DeviceStreamingCache(StreamingKVCache):
             self._note_visited(layer)
         store.append_at(kv, groups, past)
         return out.reshape(tokens, 1, heads, self.head_dim).transpose(0, 1)
+
+    def _fetch(self, layer: int, slot: int, store: RingLayerStore, clusters: list, past: int):
+        """The past K/V ``layer`` attends to, gathered: (keep mask, buffer, counts). ``same_layer``: selected
+        from this layer's clusters now; ``previous_layer``: the prefetch the previous layer started, and
+        this layer's clusters start the next layer's."""
+        if self.retriever.selection == "same_layer":
+            keep, positions, counts = self._select(layer, store, clusters, past)
+            return keep, self._gather(slot % 2, store, positions, counts), counts
+        keep, buffer, counts = self._prefetched(layer, slot, store)
+        nxt = self._next_full_layer(layer)
+        if nxt is not None:
+            self._prefetch(nxt, *self._select(nxt, store, clusters, past))
+        return keep, buffer, counts
 
     def _clusters(self, layer: int, query: torch.Tensor, hint: torch.Tensor | None) -> list:
         """Each stream's cluster selection of ``layer`` (``None`` entries: every group)."""
